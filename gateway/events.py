@@ -1,0 +1,36 @@
+"""The internal analytics event: what a page view or a beacon becomes before any destination sees it.
+
+An event holds only data some destination may need, and never a full client IP: ``ip`` is the truncated address.
+URL, referrer and props are kept as seen; each destination's policy (gateway.policy) scrubs and caps them in the
+dispatcher, off the request path, before anything is sent or spooled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from typing import Literal
+
+__all__ = ["PAGEVIEW", "Event"]
+
+PAGEVIEW = "pageview"
+
+
+@dataclasses.dataclass(slots=True)
+class Event:
+    name: str  # "pageview" or an allowlisted custom event name
+    url: str  # absolute URL of the page, unscrubbed
+    referrer: str = ""
+    title: str = ""
+    language: str = ""  # primary Accept-Language tag, lower case ("en-us")
+    user_agent: str = ""
+    country: str = ""  # ISO 3166-1 alpha-2 from the geo lookup on the full address, "" when unknown
+    ip: str = ""  # the TRUNCATED client address; the full one never reaches an event
+    granted: frozenset[str] = frozenset()  # consent categories in effect (after GPC/DNT precedence)
+    gpc: bool = False  # Sec-GPC: 1 was sent
+    client_id: str = ""  # first-party analytics id from the signed id cookie, "" when none
+    props: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    source: Literal["server", "beacon"] = "server"
+    timestamp: float = dataclasses.field(default_factory=time.time)
+    event_id: str = ""  # assigned by the dispatcher
