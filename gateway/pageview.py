@@ -1,0 +1,412 @@
+"""Server-side page views: which requests count, the page title, the visitor's language and the page URL.
+
+A page view is counted without any JavaScript when a ``GET`` is answered ``200`` with ``text/html``, the user agent
+is not a bot, the request is not a speculative prefetch, and the path is neither excluded in
+``[analytics]`` nor one of the gateway's own endpoints. The middleware asks :meth:`PageviewDetector.request_may_count`
+on every request (cheap, before the app runs) and :meth:`PageviewDetector.response_counts` on the response start,
+then feeds the body to a :class:`TitleSniffer` while it streams through.
+
+Bots are recognised with the maintained ``crawlerdetect`` patterns. Its stock matcher is quadratic in the length of
+runs of word characters (one pattern starts with ``[a-z0-9\\-_]*``: 512 ``x`` take ~26 ms, 8,000 take 5 s), which a
+visitor controls, so :func:`is_bot` compiles the same patterns in linear form, never classifies more than
+:data:`MAX_USER_AGENT_CHARS` characters, and caches verdicts per user-agent string in a bounded dict.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import functools
+import html
+import ipaddress
+import re
+from collections.abc import Iterable
+from urllib.parse import quote, urlsplit
+
+from starlette.types import Scope
+
+from gateway.config import Settings
+
+__all__ = [
+    "MAX_USER_AGENT_CHARS",
+    "TITLE_MAX_CHARS",
+    "TITLE_SCAN_BYTES",
+    "PageviewDetector",
+    "TitleSniffer",
+    "is_bot",
+    "page_url",
+    "primary_language",
+    "request_host",
+    "request_hostname",
+]
+
+# Real browser user agents are 100–400 characters (in-app browsers are the long ones). Anything longer is not a
+# browser we want to count, and classifying it would cost milliseconds of event-loop time per unique value.
+MAX_USER_AGENT_CHARS = 512
+BOT_CACHE_SIZE = 4096
+
+TITLE_SCAN_BYTES = 32 * 1024  # only the first 32 KiB of a body are looked at
+TITLE_MAX_CHARS = 300
+# Raw bytes kept between <title> and </title>; generous for entities (&amp; is 5 bytes for 1 character).
+_TITLE_RAW_BYTES = 4096
+
+# Speculative loads are not views: Chromium sends "Sec-Purpose: prefetch" (also "prefetch;prerender",
+# "prefetch;anonymous-client-ip", https://wicg.github.io/nav-speculation/prefetch.html#sec-purpose-header), older
+# Chrome "Purpose: prefetch", Firefox "X-Moz: prefetch" (https://developer.mozilla.org/docs/Glossary/Prefetch) and
+# Safari "X-Purpose: preview" for Top Sites thumbnails.
+_PREFETCH_HEADERS = frozenset((b"sec-purpose", b"purpose", b"x-moz", b"x-purpose"))
+_PREFETCH_VALUES = (b"prefetch", b"preview")
+
+_HTML_TYPE = b"text/html"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bots
+# --------------------------------------------------------------------------------------------------------------
+
+# A leading "[...]*" or "[...]?" can match the empty string, so in an unanchored search it never changes WHETHER a
+# pattern matches, only where the match starts; dropping it turns the one quadratic crawlerdetect pattern linear.
+_LEADING_OPTIONAL_CLASS = re.compile(r"^\[(?:\\.|[^\]\\])*\][*?]")
+
+
+@functools.cache
+def _classifier() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """crawlerdetect's (exclusions, crawlers) regexes, compiled once, in the same shape as its own matcher."""
+    from crawlerdetect.providers.crawlers import data as crawler_patterns
+    from crawlerdetect.providers.exclusions import data as exclusion_patterns
+
+    linear = []
+    for pattern in crawler_patterns:
+        stripped = _LEADING_OPTIONAL_CLASS.sub("", pattern, count=1)
+        linear.append(stripped or pattern)
+    exclusions = re.compile(f"({'|'.join(exclusion_patterns)})", re.IGNORECASE)
+    crawlers = re.compile(f"({'|'.join(linear)})", re.IGNORECASE)
+    return exclusions, crawlers
+
+
+def _classify(user_agent: str) -> bool:
+    # Same steps as crawlerdetect.CrawlerDetect._check_crawler: strip known-harmless tokens, then search.
+    exclusions, crawlers = _classifier()
+    remainder = exclusions.sub("", user_agent)
+    return bool(remainder) and crawlers.search(remainder) is not None
+
+
+_bot_cache: dict[str, bool] = {}
+
+
+def is_bot(user_agent: str) -> bool:
+    """True for crawlers, scripts and monitors (crawlerdetect), for an empty user agent and for an absurdly long one."""
+    verdict = _bot_cache.get(user_agent)
+    if verdict is not None:
+        return verdict
+    stripped = user_agent.strip()
+    verdict = not stripped or len(stripped) > MAX_USER_AGENT_CHARS or _classify(stripped)
+    if len(_bot_cache) >= BOT_CACHE_SIZE:
+        # Insertion order makes this FIFO eviction; cheap, and a flood of unique agents cannot grow memory.
+        with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread meanwhile
+            del _bot_cache[next(iter(_bot_cache))]
+    if len(user_agent) <= MAX_USER_AGENT_CHARS * 2:  # don't let huge keys sit in the cache
+        _bot_cache[user_agent] = verdict
+    return verdict
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which requests and responses are page views
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_prefetch(value: bytes) -> bool:
+    return value[:8].lower().startswith(_PREFETCH_VALUES)
+
+
+class PageviewDetector:
+    """Decides, cheaply, whether a request/response pair is a server-side page view."""
+
+    __slots__ = ("_enabled", "_excluded_exact", "_excluded_extensions", "_excluded_prefixes")
+
+    def __init__(self, settings: Settings) -> None:
+        analytics = settings.analytics
+        self._enabled = analytics.pageviews == "server"
+        # The gateway's own endpoints and the beacon are never page views, whatever the exclusions say.
+        own = tuple(p.rstrip("/") or "/" for p in (settings.prefix, analytics.beacon_path))
+        self._excluded_exact = frozenset(own)
+        self._excluded_prefixes = tuple(analytics.exclude_paths) + tuple(f"{p}/" for p in own if p != "/")
+        self._excluded_extensions = frozenset(ext.lower() for ext in analytics.exclude_extensions)
+
+    def request_may_count(self, scope: Scope) -> bool:
+        """Could this request become a page view? Called on every HTTP request, so cheapest checks first."""
+        if scope.get("method") != "GET" or not self._enabled:
+            return False
+        path: str = scope.get("path", "")
+        if path in self._excluded_exact or path.startswith(self._excluded_prefixes):
+            return False
+        dot = path.rfind(".")
+        if dot > path.rfind("/") and path[dot:].lower() in self._excluded_extensions:
+            return False
+        user_agent = b""
+        headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+        for name, value in headers:
+            if name == b"user-agent":
+                user_agent = value
+            elif name in _PREFETCH_HEADERS and _is_prefetch(value):
+                return False
+        return not is_bot(user_agent.decode("latin-1"))
+
+    @staticmethod
+    def response_counts(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """A 200 whose media type is text/html (any parameters, any case)."""
+        if status != 200:
+            return False
+        for name, value in headers:
+            if name.lower() == b"content-type":
+                return value.split(b";", 1)[0].strip().lower() == _HTML_TYPE
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# <title>
+# --------------------------------------------------------------------------------------------------------------
+
+# The title element's start tag, or a sign that the head is over (then there is no document title to find; this
+# also keeps inline <svg><title> in the body from being taken for the page title). HTML tag names end at
+# whitespace, "/" or ">" (https://html.spec.whatwg.org/multipage/parsing.html#tag-name-state).
+_HEAD_TAGS = re.compile(rb"<(?:(title)|body|/head)[\t\n\f\r />]", re.IGNORECASE)
+_HEAD_TAGS_CARRY = len(b"</head>") - 1
+_TITLE_END = re.compile(rb"</title[\t\n\f\r />]", re.IGNORECASE)
+_TITLE_END_CARRY = len(b"</title>") - 1
+_TAG_END_OR_QUOTE = re.compile(rb"[>\"']")
+# C0 and C1 control characters (and DEL) never belong in a title; they could also corrupt logs.
+_CONTROL_CHARS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], " ")
+
+_SEEK, _IN_TAG, _IN_TITLE, _DONE = range(4)
+
+
+def _ascii_compatible(encoding: str) -> str:
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return "utf-8"
+    # The byte-level tag search only works for encodings that spell ASCII as ASCII (not UTF-16/32).
+    return name if "<title>".encode(name, "ignore") == b"<title>" else "utf-8"
+
+
+class TitleSniffer:
+    """Feed response body chunks; finds <title>…</title> within the first 32 KiB only, across chunk boundaries,
+    case-insensitive, attributes allowed (<title data-x="y">), HTML entities unescaped, whitespace collapsed,
+    capped at 300 chars; stops looking after the cap (no whole-body buffering; memory bounded).
+
+    Memory is a few bytes of carry-over between chunks plus at most ~4 KiB of raw title. ``encoding`` is the
+    response charset (default UTF-8; an unknown or non-ASCII-compatible one falls back to UTF-8).
+    """
+
+    __slots__ = ("_carry", "_encoding", "_quote", "_raw", "_scanned", "_seen", "_state", "_title")
+
+    def __init__(self, encoding: str = "utf-8") -> None:
+        self._encoding = _ascii_compatible(encoding)
+        self._state = _SEEK
+        self._seen = 0  # body bytes looked at so far (at most TITLE_SCAN_BYTES)
+        self._carry = b""  # tail of the previous chunk, so a tag split across chunks is still found
+        self._quote = b""  # inside a quoted attribute value of the <title ...> tag
+        self._raw = bytearray()  # bytes after <title ...>
+        self._scanned = 0  # how much of _raw has been searched for </title
+        self._title = ""
+
+    @property
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    @property
+    def title(self) -> str:
+        """The title found; while the body is still open inside <title>, what has been read so far."""
+        if self._state == _IN_TITLE:
+            return self._clean(bytes(self._raw), partial=True)
+        return self._title
+
+    def feed(self, chunk: bytes) -> None:
+        if self._state == _DONE or not chunk:
+            return
+        room = TITLE_SCAN_BYTES - self._seen
+        if len(chunk) > room:
+            chunk = chunk[:room]
+        self._seen += len(chunk)
+        data = self._carry + chunk if self._carry else chunk
+        self._carry = b""
+        if self._state == _SEEK:
+            data = self._seek(data)
+        if self._state == _IN_TAG:
+            data = self._skip_attributes(data)
+        if self._state == _IN_TITLE:
+            self._collect(data)
+        if self._state != _DONE and self._seen >= TITLE_SCAN_BYTES:
+            # Out of budget: a title that started but did not end keeps what was read; otherwise there is none.
+            self._finish(partial=True)
+
+    def _seek(self, data: bytes) -> bytes:
+        match = _HEAD_TAGS.search(data)
+        if match is None:
+            self._carry = data[-_HEAD_TAGS_CARRY:]
+            return b""
+        if match.group(1) is None:  # <body or </head before any <title
+            self._state = _DONE
+            return b""
+        self._state = _IN_TAG
+        return data[match.end() - 1 :]  # from the delimiter: it may already be the closing ">"
+
+    def _skip_attributes(self, data: bytes) -> bytes:
+        position = 0
+        while True:
+            if self._quote:
+                end = data.find(self._quote, position)
+                if end < 0:
+                    return b""
+                self._quote = b""
+                position = end + 1
+                continue
+            match = _TAG_END_OR_QUOTE.search(data, position)
+            if match is None:
+                return b""
+            if match.group() == b">":
+                self._state = _IN_TITLE
+                return data[match.end() :]
+            self._quote = match.group()
+            position = match.end()
+
+    def _collect(self, data: bytes) -> None:
+        raw = self._raw
+        raw += data[: _TITLE_RAW_BYTES + _TITLE_END_CARRY + 1 - len(raw)]
+        end = _TITLE_END.search(raw, max(0, self._scanned - _TITLE_END_CARRY))
+        if end is not None:
+            del raw[end.start() :]
+            self._finish(partial=False)
+        elif len(raw) >= _TITLE_RAW_BYTES:
+            del raw[_TITLE_RAW_BYTES:]
+            self._finish(partial=True)
+        else:
+            self._scanned = len(raw)
+
+    def _clean(self, raw: bytes, *, partial: bool) -> str:
+        if partial:
+            # A cut-off title must not end in half a multi-byte character: the incremental decoder holds it back.
+            text = codecs.getincrementaldecoder(self._encoding)(errors="replace").decode(raw, final=False)
+        else:
+            text = raw.decode(self._encoding, "replace")
+        # Runs once per page view on the request path: skip the costly steps when they cannot change anything.
+        if "&" in text:
+            text = html.unescape(text)
+        if not text.isprintable():
+            text = text.translate(_CONTROL_CHARS)
+        return " ".join(text.split())[:TITLE_MAX_CHARS].rstrip()
+
+    def _finish(self, *, partial: bool) -> None:
+        if self._state == _IN_TITLE and self._raw:
+            self._title = self._clean(bytes(self._raw), partial=partial)
+        self._state = _DONE
+        self._raw = bytearray()
+        self._carry = b""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Language and URL
+# --------------------------------------------------------------------------------------------------------------
+
+# RFC 9110 §12.5.4 / RFC 4647: language-range = (1*8ALPHA *("-" 1*8alphanum)) / "*"; weight = OWS ";" OWS "q=" qvalue.
+_LANGUAGE_TAG = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*")
+_QVALUE = re.compile(r"[qQ]=(0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?)")
+_MAX_LANGUAGE_TAG = 35  # RFC 5646 §4.4.1: implementations should handle tags of at least 35 characters
+_MAX_ACCEPT_LANGUAGE = 512
+
+
+@functools.lru_cache(maxsize=512)
+def primary_language(accept_language: str) -> str:
+    """The most preferred language tag, lower case ("en-US,en;q=0.9" -> "en-us"); "" when absent or garbage.
+
+    Cached (bounded): browsers send few distinct Accept-Language values, and this runs on every page view.
+    """
+    best, best_q = "", 0.0
+    for item in accept_language[:_MAX_ACCEPT_LANGUAGE].split(",", 32)[:32]:
+        tag, _, params = item.partition(";")
+        tag = tag.strip()
+        if len(tag) > _MAX_LANGUAGE_TAG or not _LANGUAGE_TAG.fullmatch(tag):
+            continue  # "*", garbage, or a tag longer than anything real
+        q = 1.0
+        for param in params.split(";"):
+            param = param.strip()
+            if param[:2] in ("q=", "Q="):
+                weight = _QVALUE.fullmatch(param)
+                q = float(weight.group(1)) if weight else 0.0
+        if q > best_q:  # ties keep the first, as listed order expresses preference too
+            best, best_q = tag.lower(), q
+    return best
+
+
+# RFC 3986 host: reg-name (kept to what DNS and browsers send) or an IP-literal, then an optional port.
+_HOST = re.compile(rb"(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])(?::([0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+# Characters that stay as they are in a path or query (RFC 3986 pchar plus "/", "?", and "%" of existing escapes).
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+# What quote(..., safe=_PATH_SAFE/_QUERY_SAFE) returns unchanged: unreserved characters plus the safe sets.
+_PATH_UNCHANGED = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~]*")
+_QUERY_UNCHANGED = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]*")
+
+
+def _scheme(scope: Scope) -> str:
+    scheme = scope.get("scheme")
+    return scheme if scheme in ("http", "https") else "http"
+
+
+def request_host(scope: Scope) -> str:
+    """``host[:port]`` of the request, lower case: the Host header if it is a valid host, else ``scope["server"]``."""
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+    for name, value in headers:
+        if name == b"host":
+            match = _HOST.fullmatch(value)
+            if match and (match.group(1) is None or int(match.group(1)) <= 65535):
+                return value.decode("ascii").lower()
+            break
+    # Garbage or no Host (HTTP/1.0): fall back to the address the server listens on.
+    server = scope.get("server")
+    if not server or not isinstance(server[0], str):
+        return "localhost"
+    host = server[0].lower()
+    if ":" in host:
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return "localhost"
+    elif not _HOST.fullmatch(host.encode("ascii", "replace")):
+        return "localhost"  # e.g. a unix socket path
+    port = server[1]
+    if isinstance(port, int) and port != _DEFAULT_PORTS[_scheme(scope)]:
+        host = f"{host}:{port}"
+    return host
+
+
+def request_hostname(scope: Scope) -> str:
+    """The request's host name without port or brackets (``"::1"``, ``"www.python.org"``)."""
+    try:
+        return (urlsplit(f"//{request_host(scope)}").hostname or "").rstrip(".")
+    except ValueError:
+        return ""
+
+
+def page_url(scope: Scope) -> str:
+    """Absolute URL of the request: scheme, validated Host, raw path and query, as the browser addressed it."""
+    scheme = _scheme(scope)
+    host = request_host(scope)
+    default = f":{_DEFAULT_PORTS[scheme]}"
+    if host.endswith(default):
+        host = host[: -len(default)]
+    raw_path = scope.get("raw_path")
+    if isinstance(raw_path, bytes) and raw_path.startswith(b"/"):
+        # Fast path (every page view): already-encoded ASCII that quote() would return unchanged.
+        path = raw_path.decode("ascii") if _PATH_UNCHANGED.fullmatch(raw_path) else quote(raw_path, safe=_PATH_SAFE)
+    else:
+        path = quote(str(scope.get("path") or "/"), safe=_PATH_SAFE)
+        if not path.startswith("/"):
+            path = "/" + path
+    query = scope.get("query_string") or b""
+    if query:
+        query_text = query.decode("ascii") if _QUERY_UNCHANGED.fullmatch(query) else quote(query, safe=_QUERY_SAFE)
+        return f"{scheme}://{host}{path}?{query_text}"
+    return f"{scheme}://{host}{path}"
