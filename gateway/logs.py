@@ -1,0 +1,136 @@
+"""The gateway's own logs: one JSON object per line (docs/security.md T6).
+
+Header values, paths and user agents are attacker-controlled text. Written raw, a ``\\r\\n`` starts a forged log line
+and ``\\x1b[`` rewrites the operator's terminal (uvicorn's CVE-2020-7694). :func:`json.dumps` with ``ensure_ascii``
+escapes every control character and every non-ASCII character (U+2028 too), so one record is always exactly one
+line of printable ASCII, whatever the fields contain.
+
+Log only what is already minimised: the access log gets the *truncated* client address and the path without its
+query string, where e-mail addresses and tokens live.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import sys
+from typing import TextIO
+
+__all__ = ["JSONFormatter", "access_log", "configure_logging", "get_logger", "log_event"]
+
+ROOT_LOGGER = "gateway"
+ACCESS_LOGGER = "gateway.access"
+ACCESS_EVENT = "http.request"
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_FIELDS_ATTRIBUTE = "gateway_fields"
+_RESERVED = frozenset({"ts", "level", "logger", "event", "exc", "stack"})
+# Long enough for any real path or method; a 64 KB path would otherwise become a 64 KB log line per request.
+_MAX_PATH = 2048
+_MAX_METHOD = 32
+
+FieldValue = str | int | float | bool | None
+
+
+def _clean(value: object) -> FieldValue:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        # NaN/Infinity are not JSON; keep them readable instead of emitting an invalid line.
+        return value if math.isfinite(value) else repr(value)
+    return str(value)
+
+
+class JSONFormatter(logging.Formatter):
+    """``{"ts": ..., "level": ..., "logger": ..., "event": ..., <fields>}`` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            # A bad %-format would make logging print its own unescaped "--- Logging error ---" to stderr.
+            message = f"{record.msg} (unformattable arguments)"
+        entry: dict[str, FieldValue] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": message,
+        }
+        fields = getattr(record, _FIELDS_ATTRIBUTE, None)
+        if isinstance(fields, dict):
+            for name, value in fields.items():
+                key = str(name)
+                entry[f"{key}_" if key in _RESERVED else key] = _clean(value)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+class _JSONLinesHandler(logging.StreamHandler[TextIO]):
+    """Marks the handler :func:`configure_logging` installed, so a second call replaces it."""
+
+
+def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
+    """Send the ``gateway`` logger tree to ``stream`` (stderr) as JSON lines. Idempotent.
+
+    Only the ``gateway`` logger is touched; the root logger and its handlers are left alone. ``gateway`` records do
+    not propagate to the root: a foreign handler there would print them unescaped.
+    """
+    numeric = _LEVELS.get(level.lower())
+    if numeric is None:
+        raise ValueError(f"unknown log level {level!r} (one of {', '.join(_LEVELS)})")
+    logger = logging.getLogger(ROOT_LOGGER)
+    for handler in list(logger.handlers):
+        if isinstance(handler, _JSONLinesHandler):
+            logger.removeHandler(handler)
+    handler = _JSONLinesHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(JSONFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(numeric)
+    logger.propagate = False
+
+
+def get_logger(name: str = ROOT_LOGGER) -> logging.Logger:
+    """A logger inside the ``gateway`` tree (``"proxy"`` becomes ``gateway.proxy``)."""
+    if name != ROOT_LOGGER and not name.startswith(ROOT_LOGGER + "."):
+        name = f"{ROOT_LOGGER}.{name}"
+    return logging.getLogger(name)
+
+
+def log_event(logger: logging.Logger, level: int, event: str, /, **fields: FieldValue) -> None:
+    """Log ``event`` (a constant name such as ``"sink.error"``) with structured fields.
+
+    The first three arguments are positional-only, so any name can be a field. Fields named like the envelope keys
+    (``ts``, ``level``, ``logger``, ``event``, ``exc``) are written with a trailing ``_``.
+    Never pass a full client address, a raw query string or a secret as a field.
+    """
+    if logger.isEnabledFor(level):
+        # The event is the message with no %-arguments, so a "%" in it is printed as is.
+        logger.log(level, "%s", event, extra={_FIELDS_ATTRIBUTE: fields})
+
+
+_access_logger = logging.getLogger(ACCESS_LOGGER)
+
+
+def access_log(method: str, path: str, status: int, client: str, duration_ms: float) -> None:
+    """One line per request: method, path without query or fragment, status, truncated client, duration."""
+    if not _access_logger.isEnabledFor(logging.INFO):
+        return
+    # The query string holds PII (e-mail addresses, reset tokens); a fragment never should reach us but is cut too.
+    cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=len(path))
+    path = path[:cut]
+    if len(path) > _MAX_PATH:
+        path = path[:_MAX_PATH] + "..."
+    log_event(
+        _access_logger,
+        logging.INFO,
+        ACCESS_EVENT,
+        method=method[:_MAX_METHOD],
+        path=path,
+        status=status,
+        client=client,
+        duration_ms=round(duration_ms, 3),
+    )
