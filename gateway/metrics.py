@@ -1,0 +1,166 @@
+"""Prometheus metrics for the dispatcher, served as text at ``{prefix}/metrics`` to trusted peers or a bearer token.
+
+Every family has a ``destination`` label; ``dropped_policy`` also has ``reason`` (short slugs such as ``consent``).
+The counters obey, per destination::
+
+    accepted = delivered + dropped_policy + dropped_destination + dropped_overflow + dropped_expired
+               + dead_lettered + ambiguous + pending
+
+(see :mod:`gateway.dispatch`). Counters restart at zero with the process; ``replayed`` says how much of ``accepted``
+came from the spool at start. The collector reads :meth:`Dispatcher.stats` at scrape time and is registered in a
+dedicated :class:`~prometheus_client.CollectorRegistry`, never the global one, so several gateways (or tests) in
+one process do not collide.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from typing import Final
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.types import Receive, Scope, Send
+
+from gateway.config import MetricsSettings
+from gateway.dispatch import Dispatcher
+
+__all__ = ["DispatchCollector", "MetricsEndpoint"]
+
+PREFIX: Final = "gateway_dispatch"
+
+# stats() key -> help text. Counter names get "_total" from prometheus_client.
+COUNTERS: Final = {
+    "accepted": "Events accepted for the destination (including those dropped by policy, and spool rows replayed "
+    "at start).",
+    "replayed": "Spool rows found at start and counted as accepted again in this process.",
+    "delivered": "Events the destination accepted (2xx).",
+    "dropped_destination": "Events the destination accepted but discarded (Plausible x-plausible-dropped).",
+    "dropped_overflow": "Events lost to back-pressure: queue full with the spool off or full.",
+    "dropped_expired": "Events older than the destination's TTL or dispatch.max_age_seconds.",
+    "dead_lettered": "Events the destination rejected, or that failed after dispatch.max_attempts.",
+    "ambiguous": "Events whose request may or may not have arrived (read timeout after sending), not retried.",
+    "retried": "Retry attempts scheduled (not an outcome).",
+    "ambiguous_retried": "Ambiguous failures retried because dispatch.retry_ambiguous is on (not an outcome).",
+    "refused": "Events submitted after shutdown began (not accepted).",
+}
+GAUGES: Final = {
+    "pending": "Events not yet settled: queued, in memory, in flight or spooled.",
+    "queue_depth": "Events waiting in the in-memory queue.",
+    "in_flight": "Payloads taken by a sender and not yet settled.",
+    "spool_rows": "Payloads in the durable spool.",
+    "spool_oldest_age_seconds": "Age of the oldest spooled payload.",
+    "circuit_state": "Circuit breaker: 0 closed, 1 open, 2 half-open.",
+    "consecutive_failures": "Failed requests in a row.",
+}
+
+_BEARER: Final = "bearer "
+
+
+class DispatchCollector:
+    """A prometheus_client collector that reads the dispatcher's books at scrape time."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.dispatcher.stats()
+        counters = {
+            key: CounterMetricFamily(f"{PREFIX}_{key}", text, labels=["destination"]) for key, text in COUNTERS.items()
+        }
+        policy = CounterMetricFamily(
+            f"{PREFIX}_dropped_policy",
+            "Events dropped by the destination's policy (consent, limits, ...), by reason.",
+            labels=["destination", "reason"],
+        )
+        gauges = {
+            key: GaugeMetricFamily(f"{PREFIX}_{key}", text, labels=["destination"]) for key, text in GAUGES.items()
+        }
+        spool_available = 0.0
+        for destination, values in stats.items():
+            for key, counter in counters.items():
+                counter.add_metric([destination], values.get(key, 0.0))
+            for key, gauge in gauges.items():
+                gauge.add_metric([destination], values.get(key, 0.0))
+            for key, value in values.items():
+                if key.startswith("dropped_policy:"):
+                    policy.add_metric([destination, key.partition(":")[2]], value)
+            spool_available = max(spool_available, values.get("spool_available", 0.0))
+        yield from counters.values()
+        yield policy
+        yield from gauges.values()
+        yield GaugeMetricFamily(f"{PREFIX}_spool_available", "1 if the durable spool is open.", value=spool_available)
+
+
+class MetricsEndpoint:
+    """ASGI endpoint serving the Prometheus text format.
+
+    The caller decides whether the *full* peer address is trusted (``peer_allowed``; after the privacy middleware
+    ``scope["client"]`` holds only the truncated address, so it cannot decide this itself). Otherwise the request
+    needs ``Authorization: Bearer <metrics.token>``; anything else gets 403.
+    """
+
+    def __init__(self, settings: MetricsSettings, dispatcher: Dispatcher) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DispatchCollector(dispatcher))
+        token = str(settings.token) if settings.token is not None else ""
+        self._token: bytes | None = token.encode() if token else None
+
+    def __repr__(self) -> str:
+        return f"MetricsEndpoint(enabled={self.settings.enabled}, token={'set' if self._token else 'unset'})"
+
+    def authorized(self, scope: Scope, *, peer_allowed: bool) -> bool:
+        if peer_allowed:
+            return True
+        if self._token is None:
+            return False
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                text = value.decode("latin-1")
+                if text[: len(_BEARER)].lower() != _BEARER:
+                    return False
+                given = text[len(_BEARER) :].strip().encode("latin-1")
+                # Constant-time compare, so the response time does not reveal how much of a guess was right.
+                return hmac.compare_digest(given, self._token)
+        return False
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, *, peer_allowed: bool) -> None:
+        method = scope.get("method", "GET")
+        if not self.settings.enabled:
+            await _respond(send, 404, b"not found\n")
+        elif method not in ("GET", "HEAD"):
+            await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+        elif not self.authorized(scope, peer_allowed=peer_allowed):
+            await _respond(send, 403, b"forbidden\n")
+        else:
+            body = self.render()
+            await _respond(
+                send,
+                200,
+                b"" if method == "HEAD" else body,
+                content_type=CONTENT_TYPE_LATEST.encode(),
+                length=len(body),
+            )
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    length: int | None = None,
+) -> None:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body) if length is None else length).encode()),
+        (b"cache-control", b"no-store"),
+        *(extra or ()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
