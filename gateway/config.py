@@ -179,10 +179,34 @@ class AnalyticsSettings:
     # Path prefixes and file extensions that are never page views.
     exclude_paths: tuple[str, ...] = ("/static/", "/media/", "/favicon.ico", "/robots.txt", "/.well-known/")
     exclude_extensions: tuple[str, ...] = (
-        ".css", ".js", ".mjs", ".map", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".ico", ".webp", ".avif",
-        ".woff", ".woff2", ".ttf", ".txt", ".xml", ".json", ".pdf", ".zip", ".gz", ".tgz", ".xz", ".exe", ".msi",
-        ".pkg", ".dmg",
-    )  # fmt: skip
+        ".css",
+        ".js",
+        ".mjs",
+        ".map",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".svg",
+        ".ico",
+        ".webp",
+        ".avif",
+        ".woff",
+        ".woff2",
+        ".ttf",
+        ".txt",
+        ".xml",
+        ".json",
+        ".pdf",
+        ".zip",
+        ".gz",
+        ".tgz",
+        ".xz",
+        ".exe",
+        ".msi",
+        ".pkg",
+        ".dmg",
+    )
     # Custom (non-pageview) event names and prop keys the beacon accepts; anything else is dropped.
     custom_events: tuple[str, ...] = ()
     allowed_props: tuple[str, ...] = ()
@@ -323,7 +347,7 @@ def load_settings(
     if overrides:
         _merge(raw, _deep_copy(overrides))
     raw = _interpolate(raw, env, "")
-    settings = _build(Settings, raw, "", {"source": source})
+    settings: Settings = _build(Settings, raw, "", {"source": source})
     _validate(settings)
     return settings
 
@@ -537,46 +561,82 @@ def _validate(s: Settings) -> None:
         _check(name in c.categories, f"consent.category.{name}", name, "is not listed in consent.categories")
     # CNIL: consent cookies must not outlive 13 months; 6 months is the recommended lifetime.
     _check(1 <= c.max_age_days <= 395, "consent.max_age_days", c.max_age_days, "must be between 1 and 395")
-    for i, key in enumerate(c.secret_keys):
-        _check(len(str(key)) >= 32, f"consent.secret_keys[{i}]", key, "must be at least 32 characters")
+    for i, secret in enumerate(c.secret_keys):
+        _check(len(str(secret)) >= 32, f"consent.secret_keys[{i}]", secret, "must be at least 32 characters")
     _check(c.max_cookie_bytes >= 256, "consent.max_cookie_bytes", c.max_cookie_bytes, "must be at least 256")
 
     for i, origin in enumerate(s.site.origins):
         _check_url(f"site.origins[{i}]", origin, path_allowed=False)
 
     a = s.analytics
-    for key, value in (("analytics.beacon_path", a.beacon_path), ("prefix", s.prefix)):
-        _check(value.startswith("/") and not value.startswith("//"), key, value, "must be a path starting with /")
+    for path_key, value in (("analytics.beacon_path", a.beacon_path), ("prefix", s.prefix)):
+        _check(value.startswith("/") and not value.startswith("//"), path_key, value, "must be a path starting with /")
     _check(s.prefix != "/", "prefix", s.prefix, "must not be the site root")
-    _check(256 <= a.beacon_max_bytes <= 1_048_576, "analytics.beacon_max_bytes", a.beacon_max_bytes, "must be 256..1048576")
-    _check(bool(_COOKIE_NAME.match(a.client_id_cookie)), "analytics.client_id_cookie", a.client_id_cookie,
-           "is not a valid cookie name")  # fmt: skip
+    _check(
+        256 <= a.beacon_max_bytes <= 1_048_576, "analytics.beacon_max_bytes", a.beacon_max_bytes, "must be 256..1048576"
+    )
+    _check(
+        bool(_COOKIE_NAME.match(a.client_id_cookie)),
+        "analytics.client_id_cookie",
+        a.client_id_cookie,
+        "is not a valid cookie name",
+    )
 
     for name, dest in s.destinations.items():
         key = f"destinations.{name}"
         _check(dest.kind in DESTINATION_KINDS, f"{key}.kind", dest.kind, "is not a known kind")
         for i, field in enumerate(dest.fields):
-            _check(field in EVENT_FIELDS, f"{key}.fields[{i}]", field, f"is not an event field ({', '.join(EVENT_FIELDS)})")
+            _check(
+                field in EVENT_FIELDS, f"{key}.fields[{i}]", field, f"is not an event field ({', '.join(EVENT_FIELDS)})"
+            )
         for i, cat in enumerate(dest.requires):
             _check(cat in c.categories, f"{key}.requires[{i}]", cat, "is not a consent category")
-        if dest.endpoint or not dest.dry_run:
+        if dest.kind != "dryrun" and (dest.endpoint or not dest.dry_run):
             _check(bool(dest.endpoint), f"{key}.endpoint", dest.endpoint, "is required")
             _check_url(f"{key}.endpoint", dest.endpoint)
         if dest.kind == "plausible":
             _check(bool(dest.domain), f"{key}.domain", dest.domain, "is required for a plausible destination")
         if dest.kind == "ga4":
-            _check(bool(_GA4_ID.match(dest.measurement_id)), f"{key}.measurement_id", dest.measurement_id,
-                   "is not a GA4 measurement id (G-XXXXXXX)")  # fmt: skip
-            _check(dest.api_secret is not None and bool(str(dest.api_secret)), f"{key}.api_secret",
-                   dest.api_secret, "is required for a ga4 destination")  # fmt: skip
+            _check(
+                bool(_GA4_ID.match(dest.measurement_id)),
+                f"{key}.measurement_id",
+                dest.measurement_id,
+                "is not a GA4 measurement id (G-XXXXXXX)",
+            )
+            _check(
+                dest.api_secret is not None and bool(str(dest.api_secret)),
+                f"{key}.api_secret",
+                dest.api_secret,
+                "is required for a ga4 destination",
+            )
+            # An id cookie is only lawful with consent (ePrivacy Art. 5(3)); without one, use the pseudonym.
+            _check(
+                dest.client_id != "cookie" or bool(dest.requires),
+                f"{key}.client_id",
+                dest.client_id,
+                "needs a consent category in requires (or client_id = 'pseudonym')",
+            )
         _check(dest.ttl_seconds > 0, f"{key}.ttl_seconds", dest.ttl_seconds, "must be greater than 0")
 
     _check_positive(
         s.dispatch,
         "dispatch",
-        ("queue_size", "max_attempts", "max_age_seconds", "backoff_base", "backoff_cap", "connect_timeout",
-         "read_timeout", "write_timeout", "pool_timeout", "max_connections", "circuit_threshold",
-         "circuit_reset_seconds", "flush_interval", "shutdown_timeout"),
-    )  # fmt: skip
+        (
+            "queue_size",
+            "max_attempts",
+            "max_age_seconds",
+            "backoff_base",
+            "backoff_cap",
+            "connect_timeout",
+            "read_timeout",
+            "write_timeout",
+            "pool_timeout",
+            "max_connections",
+            "circuit_threshold",
+            "circuit_reset_seconds",
+            "flush_interval",
+            "shutdown_timeout",
+        ),
+    )
     _check_positive(s.spool, "spool", ("max_rows", "max_bytes"))
     _check_networks("metrics.allow", s.metrics.allow)

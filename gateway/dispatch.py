@@ -85,12 +85,15 @@ import httpx
 
 from gateway.config import DispatchSettings, SpoolSettings
 from gateway.events import Event
+from gateway.logs import quiet_http_client_logs
 from gateway.sinks import Outcome, Payload, PolicyDrop, Sink
 from gateway.spool import DeadLetter, PutResult, Spool, SpoolRow, SpoolSummary
 
 __all__ = ["CIRCUIT_CLOSED", "CIRCUIT_HALF_OPEN", "CIRCUIT_OPEN", "Dispatcher"]
 
 log = logging.getLogger("gateway.dispatch")
+# Destinations' URLs may carry secrets (GA4's api_secret): keep httpx's per-request INFO lines out of any log.
+quiet_http_client_logs()
 
 CIRCUIT_CLOSED: Final = 0
 CIRCUIT_OPEN: Final = 1

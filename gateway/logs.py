@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import math
+import re
 import sys
 from typing import TextIO
 
@@ -91,6 +92,32 @@ def configure_logging(level: str = "info", stream: TextIO | None = None) -> None
     logger.addHandler(handler)
     logger.setLevel(numeric)
     logger.propagate = False
+    quiet_http_client_logs()
+
+
+_SECRET_QUERY = re.compile(r"(?i)(api_secret=)[^&\s\"']*")
+
+
+class _MaskSecrets(logging.Filter):
+    """httpx logs every request URL at INFO; a GA4 Measurement Protocol URL carries ``api_secret`` in its query
+    (protocols.md §2). Whatever level someone sets, the secret never reaches a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "api_secret=" in message.lower():
+            record.msg = _SECRET_QUERY.sub(r"\1***", message)
+            record.args = None
+        return True
+
+
+def quiet_http_client_logs() -> None:
+    """Keep the HTTP client libraries' per-request INFO lines (full URLs) out of the logs, secrets masked."""
+    for name in ("httpx", "httpcore"):
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, _MaskSecrets) for f in logger.filters):
+            logger.addFilter(_MaskSecrets())
 
 
 def get_logger(name: str = ROOT_LOGGER) -> logging.Logger:

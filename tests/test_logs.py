@@ -174,3 +174,23 @@ def test_get_logger_stays_in_the_gateway_tree() -> None:
     assert get_logger("gateway.proxy").name == "gateway.proxy"
     assert get_logger("proxy").name == "gateway.proxy"
     assert get_logger("gatewayish").name == "gateway.gatewayish"
+
+
+def test_http_client_request_lines_never_carry_the_ga4_secret(caplog: pytest.LogCaptureFixture) -> None:
+    import httpx
+
+    from gateway.logs import quiet_http_client_logs
+
+    quiet_http_client_logs()
+    httpx_logger = logging.getLogger("httpx")
+    httpx_logger.setLevel(logging.DEBUG)  # even someone who turns httpx's logging back on
+    try:
+        with caplog.at_level(logging.DEBUG, logger="httpx"), httpx.Client(
+            transport=httpx.MockTransport(lambda request: httpx.Response(204))
+        ) as client:
+            client.post("https://region1.google-analytics.com/mp/collect?measurement_id=G-X1&api_secret=CANARYSECRET")
+    finally:
+        httpx_logger.setLevel(logging.WARNING)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "api_secret=***" in text
+    assert "CANARYSECRET" not in text
