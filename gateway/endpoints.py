@@ -1,0 +1,148 @@
+"""The gateway's own endpoints, all under ``settings.prefix`` (default ``/_privacy``) plus two fixed paths.
+
+| path | what |
+|---|---|
+| ``{prefix}/consent`` | consent state (GET), choice (POST JSON or form), withdrawal (DELETE) |
+| ``/.well-known/gpc.json`` | the GPC support resource (https://privacycg.github.io/gpc-spec/#gpc-support-resource) |
+| ``{prefix}/settings`` | a standalone consent settings page (the no-JS "privacy settings" link) |
+| ``{prefix}/banner.css``, ``{prefix}/banner.js`` | banner assets |
+| ``{prefix}/flows`` / ``flows.json`` | the data-flow table generated from the running config |
+| ``{prefix}/healthz`` / ``readyz`` | liveness / readiness (upstream reachable in standalone mode) |
+| ``{prefix}/metrics`` | Prometheus counters (trusted peers or bearer token) |
+| ``analytics.beacon_path`` | the Plausible-compatible first-party beacon |
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+from starlette.types import Receive, Scope, Send
+
+from gateway.beacon import BeaconEndpoint
+from gateway.consent_api import ConsentAPI
+from gateway.context import STATE_KEY, PrivacyContext
+from gateway.explain import flows_table, render_flows_html
+from gateway.metrics import MetricsEndpoint
+from gateway.receipts import ReceiptLog
+
+if TYPE_CHECKING:
+    from gateway.middleware import PrivacyGateway
+
+__all__ = ["Endpoints", "send_simple"]
+
+
+async def send_simple(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+                (b"x-content-type-options", b"nosniff"),
+                *extra_headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Endpoints:
+    def __init__(self, gateway: PrivacyGateway, *, readiness: Callable[[], Awaitable[bool]] | None) -> None:
+        settings = gateway.settings
+        self._gateway = gateway
+        self._readiness = readiness
+        receipts = ReceiptLog(settings.consent.receipts) if settings.consent.receipts else None
+        self.receipts = receipts
+        self._consent_api = ConsentAPI(settings, gateway.consent, receipts)
+        self._beacon = BeaconEndpoint(settings, gateway.dispatcher.submit)
+        self._metrics = MetricsEndpoint(settings.metrics, gateway.dispatcher) if settings.metrics.enabled else None
+        self._flows_html = render_flows_html(settings)
+        self._flows_json = json.dumps(flows_table(settings), indent=2).encode()
+        prefix = settings.prefix.rstrip("/")
+        self._consent_path = f"{prefix}/consent"
+        self._routes: dict[str, str] = {
+            f"{prefix}/consent": "consent",
+            "/.well-known/gpc.json": "consent",
+            f"{prefix}/settings": "settings",
+            f"{prefix}/banner.css": "asset",
+            f"{prefix}/banner.js": "asset",
+            f"{prefix}/flows": "flows",
+            f"{prefix}/flows.json": "flows.json",
+            f"{prefix}/healthz": "healthz",
+            f"{prefix}/readyz": "readyz",
+            f"{prefix}/metrics": "metrics",
+            settings.analytics.beacon_path: "beacon",
+        }
+        self._prefix_slash = prefix + "/"
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, *, peer_allowed: bool) -> bool:
+        """Answer a gateway path; return False when the path is not ours (the app gets it)."""
+        path: str = scope["path"]
+        route = self._routes.get(path)
+        if route is None:
+            if path.startswith(self._prefix_slash):
+                await send_simple(send, 404, b"Not Found\n")
+                return True
+            return False
+        method: str = scope["method"]
+        if route == "consent":
+            await self._consent_api(scope, receive, send)
+        elif route == "beacon":
+            await self._beacon(scope, receive, send)
+        elif route == "metrics" and self._metrics is not None:
+            await self._metrics(scope, receive, send, peer_allowed=peer_allowed)
+        elif method not in ("GET", "HEAD"):
+            await send_simple(send, 405, b"Method Not Allowed\n", extra_headers=((b"allow", b"GET, HEAD"),))
+        elif route == "healthz":
+            await send_simple(send, 200, b"ok\n")
+        elif route == "readyz":
+            ready = True if self._readiness is None else await self._readiness()
+            await send_simple(send, 200 if ready else 503, b"ready\n" if ready else b"upstream unreachable\n")
+        elif route == "asset":
+            banner = self._gateway._banner
+            if banner is None:
+                await send_simple(send, 404, b"Not Found\n")
+            else:
+                await banner.serve_asset(scope, receive, send, path.rsplit("/", 1)[1])
+        elif route == "settings":
+            await self._settings_page(scope, send)
+        elif route == "flows":
+            await send_simple(send, 200, self._flows_html, b"text/html; charset=utf-8")
+        elif route == "flows.json":
+            await send_simple(send, 200, self._flows_json, b"application/json")
+        else:
+            await send_simple(send, 404, b"Not Found\n")
+        return True
+
+    async def _settings_page(self, scope: Scope, send: Send) -> None:
+        banner = self._gateway._banner
+        if banner is None:
+            await send_simple(send, 404, b"Not Found\n")
+            return
+        context: PrivacyContext = scope["state"][STATE_KEY]
+        language = banner.choose_language(_header(scope, b"accept-language"))
+        next_path = "/"
+        for key, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+            if key == "next" and value.startswith("/") and not value.startswith(("//", "/\\")):
+                next_path = value.split("?", 1)[0]
+        body = banner.settings_page(language, context.granted, next_path)
+        # One visitor's choices: never cached (send_simple adds no-store), varies by cookie and language.
+        await send_simple(send, 200, body, b"text/html; charset=utf-8", ((b"vary", b"cookie, accept-language"),))
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
