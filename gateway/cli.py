@@ -160,7 +160,7 @@ def _status(args: argparse.Namespace) -> int:
             destination = sample.labels.get("destination")
             if destination is None or sample.name.endswith("_created"):
                 continue
-            column = sample.name.removeprefix("gateway_").removesuffix("_total")
+            column = sample.name.removeprefix("gateway_").removeprefix("dispatch_").removesuffix("_total")
             if "reason" in sample.labels:
                 column = f"{column}[{sample.labels['reason']}]"
             row = table.setdefault(destination, {})

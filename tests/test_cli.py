@@ -93,3 +93,99 @@ def test_check_corrupt_geo_database(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"config error: geo.database: '{db}'")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def consent_config(tmp_path: Path) -> Path:
+    config = tmp_path / "consent.toml"
+    config.write_text(
+        f'[consent]\nsecret_keys = ["{"k" * 40}"]\nreceipts = "{tmp_path / "receipts.sqlite3"}"\n'
+        '[site]\norigins = ["https://testserver"]\n[spool]\nenabled = false\n'
+    )
+    return config
+
+
+def record_choices(config: Path) -> None:
+    """Three visitors choose through the real consent endpoint (in process)."""
+    import anyio
+    import httpx
+
+    from gateway import PrivacyGateway, load_settings
+
+    async def empty_app(scope: dict[str, object], receive: object, send: object) -> None:
+        raise AssertionError("only consent endpoints are called")
+
+    async def main() -> None:
+        gateway = PrivacyGateway(empty_app, load_settings(config, environ={}))  # type: ignore[arg-type]
+        for granted in (True, False, True):
+            transport = httpx.ASGITransport(app=gateway, client=("198.51.100.77", 1234))
+            async with httpx.AsyncClient(transport=transport, base_url="https://testserver") as client:
+                response = await client.post(
+                    "/_privacy/consent",
+                    json={"categories": {"analytics": granted}},
+                    headers={"sec-fetch-site": "same-origin", "user-agent": "CanaryAgent/1.0"},
+                )
+                assert response.status_code == 204
+        await gateway.shutdown()
+
+    anyio.run(main)
+
+
+def test_consent_export_and_verify_detect_tampering(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    config = consent_config(tmp_path)
+    record_choices(config)
+
+    verified = run_gateway("consent", "verify", "--config", str(config))
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith("ok: 3 receipts")
+
+    exported = run_gateway("consent", "export", "--config", str(config))
+    assert exported.returncode == 0
+    receipts = [json.loads(line) for line in exported.stdout.splitlines()]
+    assert [r["record"]["choices"]["analytics"] for r in receipts] == [True, False, True]
+    assert all(r["record"]["method"] == "api" for r in receipts)
+    assert "198.51.100" not in exported.stdout and "CanaryAgent" not in exported.stdout
+
+    # An attacker with write access rewrites the second choice (dropping the append-only trigger first).
+    with sqlite3.connect(tmp_path / "receipts.sqlite3") as db:
+        db.execute("DROP TRIGGER IF EXISTS receipts_no_update")
+        (record,) = db.execute("SELECT record FROM receipts WHERE seq = 2").fetchone()
+        db.execute("UPDATE receipts SET record = ? WHERE seq = 2", (record.replace("false", "true"),))
+    tampered = run_gateway("consent", "verify", "--config", str(config))
+    assert tampered.returncode == 1
+    assert tampered.stdout.startswith("TAMPERED: row 2:")
+
+
+def test_explain_shows_what_each_destination_would_receive() -> None:
+
+    env = {"GA4_API_SECRET": "explain-secret-canary"}
+    args = ("explain", "--config", "config/python.org.toml", "--url", "https://www.python.org/downloads/?email=a%40b.c")
+    env.update({"CONSENT_KEY": "k" * 40, "METRICS_TOKEN": "t"})
+    denied = run_gateway(*args, "--consent", "denied", env=env)
+    assert denied.returncode == 0, denied.stderr
+    rows = {row["destination"]: row for row in _json_objects(denied.stdout)}
+    assert rows["plausible"]["sent"] is True
+    assert rows["plausible"]["request"]["body"]["url"] == "https://www.python.org/downloads/"
+    assert rows["ga4"]["sent"] is False
+    granted = run_gateway(*args, "--consent", "granted", env=env)
+    rows = {row["destination"]: row for row in _json_objects(granted.stdout)}
+    assert rows["ga4"]["sent"] is True
+    assert "explain-secret-canary" not in granted.stdout
+    gpc = run_gateway(*args, "--consent", "denied", "--gpc", env=env)
+    assert {row["destination"]: row["sent"] for row in _json_objects(gpc.stdout)} == {"plausible": True, "ga4": False}
+
+
+def _json_objects(text: str) -> list[dict[str, object]]:
+    import json
+
+    decoder = json.JSONDecoder()
+    objects, index = [], 0
+    while index < len(text):
+        if text[index].isspace():
+            index += 1
+            continue
+        obj, index = decoder.raw_decode(text, index)
+        objects.append(obj)
+    return objects

@@ -1,0 +1,233 @@
+"""`gateway serve` as a real process: canaries through every forwarding header, open-proxy probes over raw
+sockets, and the zero-config demo from the README."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import REPO, Server, free_port, run_server
+
+pytestmark = pytest.mark.slow
+
+CANARY_V4 = "198.51.100.77"
+CANARY_V6 = "2001:db8:1234:5678:9abc:def0:1234:5678"
+FORWARDING = (
+    "x-forwarded-for", "x-real-ip", "forwarded", "fastly-client-ip", "cf-connecting-ip", "true-client-ip",
+    "x-client-ip", "x-cluster-client-ip",
+)  # fmt: skip
+BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
+
+
+@pytest.fixture
+def echo_upstream(tmp_path: Path) -> Iterator[Server]:
+    port = free_port()
+    args = [
+        "uvicorn",
+        "tests.apps.echo:echo_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--no-proxy-headers",
+    ]
+    with run_server(args, port, tmp_path / "upstream.log") as server:
+        yield server
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, echo_upstream: Server) -> Iterator[Server]:
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[upstream]
+url = "{echo_upstream.url}"
+read_timeout = 5.0
+
+[client_ip]
+trusted_proxies = ["127.0.0.1/32", "::1/128"]
+
+[consent]
+secret_keys = ["{"k" * 40}"]
+receipts = "{tmp_path / "receipts.sqlite3"}"
+
+[spool]
+path = "{tmp_path / "spool.sqlite3"}"
+
+[destinations.plausible]
+kind = "plausible"
+endpoint = "https://plausible.io/api/event"
+domain = "example.org"
+dry_run = true
+fields = ["name", "url", "referrer", "country", "user_agent", "ip"]
+"""
+    )
+    args = ["gateway", "serve", "--config", str(config), "--port", str(port)]
+    with run_server(args, port, tmp_path / "gateway.log") as server:
+        yield server
+
+
+def canary_headers(ip: str) -> dict[str, str]:
+    headers = {name: ip for name in FORWARDING}
+    headers["forwarded"] = f'for="[{ip}]:4711"' if ":" in ip else f"for={ip}"
+    headers["x-forwarded-for"] = f"10.9.8.7, {ip}"
+    headers["user-agent"] = BROWSER
+    return headers
+
+
+def test_upstream_sees_only_truncated_address(gateway: Server, echo_upstream: Server) -> None:
+    with httpx.Client(base_url=gateway.url, trust_env=False) as client:
+        reports = []
+        for canary, truncated in ((CANARY_V4, "198.51.100.0"), (CANARY_V6, "2001:db8:1234::")):
+            response = client.get("/some/page?x=1", headers=canary_headers(canary))
+            assert response.status_code == 200
+            report = response.json()
+            reports.append(report)
+            headers = dict(report["headers"])
+            assert headers["x-forwarded-for"] == truncated
+            assert report["client"][0] == "127.0.0.1"  # the proxy's own connection
+            assert canary not in response.text
+            for name in FORWARDING:
+                if name != "x-forwarded-for":
+                    assert name not in headers, name
+    gateway.stop()
+    echo_upstream.stop()
+    for output in (gateway.output(), echo_upstream.output()):
+        assert CANARY_V4 not in output
+        assert CANARY_V6 not in output
+    assert "198.51.100.0" in gateway.output()  # the gateway's own access log shows the truncated address
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "routed_path"),
+    [
+        # httptools reduces an absolute-form target to its path (security.md P6): routed to OUR upstream, or 400.
+        (b"GET http://127.0.0.2:9/x HTTP/1.1\r\nHost: 127.0.0.2:9\r\nConnection: close\r\n\r\n", "/x"),
+        (b"GET //evil.example/x HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n", None),
+        (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n", None),
+        (b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", None),
+        (b"GET /routed HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n", "/routed"),
+    ],
+    ids=["absolute-form", "double-slash", "connect", "options-star", "foreign-host"],
+)
+def test_no_open_proxy(gateway: Server, echo_upstream: Server, request_bytes: bytes, routed_path: str | None) -> None:
+    response = raw_request(gateway.port, request_bytes)
+    match = re.match(rb"HTTP/1\.1 (\d{3})", response)
+    assert match is not None, response[:200]
+    status = int(match.group(1))
+    gateway.stop()
+    echo_upstream.stop()
+    seen = [line for line in echo_upstream.output().splitlines() if line.startswith("app saw client")]
+    if status == 200:
+        # Routed to the configured upstream only, with the path and nothing of the foreign host.
+        assert routed_path is not None, response[:300]
+        assert len(seen) == 1
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert body, response
+        report = json.loads(body)
+        assert head.lower().count(b"\r\ndate:") == 1  # one Date: the upstream's, relayed
+        assert report["path"] == routed_path
+        assert dict(report["headers"])["host"] == echo_upstream.url.removeprefix("http://")
+    else:
+        assert 400 <= status < 500, response[:300]
+        assert seen == []  # the upstream was never contacted
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"```sh\n(.*?)\n```", text, flags=re.DOTALL)
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    run, test = readme_commands()[:2]
+    assert run == "python3 -m pip install -e . && gateway serve"
+    assert test == "python3 -m pip install -e '.[test]' && python3 -m pytest"
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert f"\n{test}\n" in ci  # .ci/run runs exactly the README's test command
+
+
+def test_zero_config_demo_serves_pages_and_prints_dry_run_payloads(tmp_path: Path) -> None:
+    run = readme_commands()[0]
+    assert run.endswith("&& gateway serve")
+    port = free_port()
+    # Run from an empty directory, exactly as the README says, but on a free port.
+    with run_server(["gateway", "serve", "--port", str(port)], port, tmp_path / "demo.log", cwd=tmp_path) as demo:
+        with httpx.Client(
+            base_url=demo.url, trust_env=False, headers={"user-agent": BROWSER, "x-forwarded-for": CANARY_V4}
+        ) as client:
+            pages = {}
+            for path in ("/", "/about", "/downloads", "/links", "/search?q=asyncio&email=canary%40example.org"):
+                response = client.get(path)
+                assert response.status_code == 200, path
+                assert response.headers["content-type"].startswith("text/html")
+                title = re.search(r"<title>(.*?)</title>", response.text)
+                assert title is not None
+                pages[path] = title.group(1)
+            assert len(set(pages.values())) == len(pages)  # distinct pages with their own titles
+            assert 'role="dialog"' in client.get("/").text  # the consent banner
+            assert client.get("/_privacy/flows.json").status_code == 200
+        demo.stop()
+        output = demo.output()
+    payloads = [json.loads(line) for line in output.splitlines() if line.startswith('{"destination"')]
+    plausible = [p for p in payloads if p["destination"] == "plausible"]
+    assert len(plausible) >= 4
+    urls = {p["body"]["url"] for p in plausible}
+    assert f"http://127.0.0.1:{port}/search?q=asyncio" in urls  # email= dropped by the query allowlist
+    assert all(p["headers"]["x-forwarded-for"] == "198.51.100.0" for p in plausible)
+    assert not [p for p in payloads if p["destination"] == "ga4"]  # no consent given: GA4 receives nothing
+    assert CANARY_V4 not in output
+    assert "canary" not in output
+
+
+def test_status_prints_the_counters_of_a_running_gateway(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    with run_server(["gateway", "serve", "--port", str(port)], port, tmp_path / "demo.log", cwd=tmp_path) as demo:
+        with httpx.Client(base_url=demo.url, trust_env=False, headers={"user-agent": BROWSER}) as client:
+            for path in ("/", "/about", "/links"):
+                assert client.get(path).status_code == 200
+        deadline = time.monotonic() + 10
+        while True:
+            result = subprocess.run(
+                [sys.executable, "-m", "gateway", "status", "--url", demo.url],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+            lines = result.stdout.splitlines()
+            rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if line.strip()}
+            if rows.get("delivered", [""])[0] == "3" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    assert lines[0].split() == ["plausible", "ga4"]
+    assert rows["accepted"] == ["3", "3"]
+    assert rows["delivered"] == ["3", "0"]  # the dry-run transport answers like Plausible does
+    assert rows["dropped_policy[consent]"] == ["0", "3"]  # GA4 needs consent nobody gave
