@@ -225,6 +225,8 @@ class TitleSniffer:
     def feed(self, chunk: bytes) -> None:
         if self._state == _DONE or not chunk:
             return
+        if self._seen == 0 and self._state == _SEEK and self._fast(chunk):
+            return
         room = TITLE_SCAN_BYTES - self._seen
         if len(chunk) > room:
             chunk = chunk[:room]
@@ -240,6 +242,25 @@ class TitleSniffer:
         if self._state != _DONE and self._seen >= TITLE_SCAN_BYTES:
             # Out of budget: a title that started but did not end keeps what was read; otherwise there is none.
             self._finish(partial=True)
+
+    def _fast(self, chunk: bytes) -> bool:
+        """The common case on every page view: a plain ``<title>…</title>`` wholly inside the first chunk.
+
+        Same rules as the streaming path (title before ``<body``/``</head``, within the scan budget, raw title
+        within its cap), without copying the chunk; anything else returns False and the streaming path runs.
+        """
+        limit = min(len(chunk), TITLE_SCAN_BYTES)
+        tag = _HEAD_TAGS.search(chunk, 0, limit)
+        if tag is None or tag.group(1) is None or chunk[tag.end() - 1] != 0x3E:  # not a bare "<title>"
+            return False
+        start = tag.end()
+        end = _TITLE_END.search(chunk, start, min(limit, start + _TITLE_RAW_BYTES + _TITLE_END_CARRY + 1))
+        if end is None or end.start() - start > _TITLE_RAW_BYTES:
+            return False
+        self._seen = limit
+        self._title = self._clean(chunk[start : end.start()], partial=False)
+        self._state = _DONE
+        return True
 
     def _seek(self, data: bytes) -> bytes:
         match = _HEAD_TAGS.search(data)

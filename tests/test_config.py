@@ -105,8 +105,22 @@ def test_example_documents_every_key() -> None:
             assert field.name in table, f"{where}{field.name} is not documented in gateway.example.toml"
 
     check(Settings, example, "")
-    for section in ("server", "upstream", "client_ip", "anonymize", "geo", "consent", "site", "banner", "analytics",
-                    "urls", "dispatch", "spool", "metrics", "logging"):  # fmt: skip
+    for section in (
+        "server",
+        "upstream",
+        "client_ip",
+        "anonymize",
+        "geo",
+        "consent",
+        "site",
+        "banner",
+        "analytics",
+        "urls",
+        "dispatch",
+        "spool",
+        "metrics",
+        "logging",
+    ):
         cls = type(getattr(Settings(), section))
         check(cls, example[section], f"{section}.")
     from gateway.config import DestinationSettings
@@ -143,8 +157,10 @@ def test_environment_overrides(tmp_path: Path) -> None:
 
 BAD = [
     # (toml snippet, expected start of the error line)
-    ("[client_ip]\ntrusted_proxies = ['10.0.0.0/8', '10.0.0.300/8']",
-     "config error: client_ip.trusted_proxies[1]: '10.0.0.300/8' is not an IP network"),
+    (
+        "[client_ip]\ntrusted_proxies = ['10.0.0.0/8', '10.0.0.300/8']",
+        "config error: client_ip.trusted_proxies[1]: '10.0.0.300/8' is not an IP network",
+    ),
     ("[client_ip]\nheaders = ['x-forwarded-for', 'x-evil']", "config error: client_ip.headers[1]: 'x-evil'"),
     ("[anonymize]\nipv4_prefix = 32", "config error: anonymize.ipv4_prefix: 32 must be 8..24"),
     ("[anonymize]\nipv6_prefix = 128", "config error: anonymize.ipv6_prefix: 128 must be 16..64"),
@@ -157,29 +173,48 @@ BAD = [
     ("[consent]\ncookie = 'bad name;'", "config error: consent.cookie: 'bad name;' is not a valid cookie name"),
     ("[consent]\nhonor_gpc = 'yes'", "config error: consent.honor_gpc: 'yes' must be true or false"),
     ("[consent]\nsecret_keys = ['short']", "config error: consent.secret_keys[0]: <secret> must be at least 32"),
-    ("[consent]\nsecret_keys = ['${NOPE}']",
-     "config error: consent.secret_keys[0]: '${NOPE}' references ${NOPE}, which is not set in the environment"),
+    (
+        "[consent]\nsecret_keys = ['${NOPE}']",
+        "config error: consent.secret_keys[0]: '${NOPE}' references ${NOPE}, which is not set in the environment",
+    ),
     ("[analytics]\npageviews = 'sometimes'", "config error: analytics.pageviews: 'sometimes' must be one of"),
-    ("[destinations.x]\nkind = 'matomo'\nendpoint = 'https://m.example/'", "config error: destinations.x.kind: 'matomo'"),
+    (
+        "[destinations.x]\nkind = 'matomo'\nendpoint = 'https://m.example/'",
+        "config error: destinations.x.kind: 'matomo'",
+    ),
     ("[destinations.x]\nendpoint = 'https://m.example/'", "config error: destinations.x.kind: None is required"),
-    ("[destinations.x]\nkind = 'plausible'\nendpoint = 'https://p.example/api/event'\ndomain = 'a.org'\n"
-     "fields = ['name', 'email']", "config error: destinations.x.fields[1]: 'email' is not an event field"),
-    ("[destinations.x]\nkind = 'plausible'\nendpoint = 'https://p.example/api/event'",
-     "config error: destinations.x.domain: '' is required"),
-    ("[destinations.g]\nkind = 'ga4'\nendpoint = 'https://g.example/mp/collect'\nmeasurement_id = 'UA-1'\n"
-     "api_secret = 'x'", "config error: destinations.g.measurement_id: 'UA-1' is not a GA4 measurement id"),
-    ("[destinations.g]\nkind = 'ga4'\nendpoint = 'https://g.example/mp/collect'\nmeasurement_id = 'G-ABCDEF1'",
-     "config error: destinations.g.api_secret: None is required"),
-    ("[destinations.g]\nkind = 'ga4'\nendpoint = 'https://g.example/mp/collect'\nmeasurement_id = 'G-ABCDEF1'\n"
-     "api_secret = 'x'\nrequires = ['marketing']",
-     "config error: destinations.g.requires[0]: 'marketing' is not a consent category"),
+    (
+        "[destinations.x]\nkind = 'plausible'\nendpoint = 'https://p.example/api/event'\ndomain = 'a.org'\n"
+        "fields = ['name', 'email']",
+        "config error: destinations.x.fields[1]: 'email' is not an event field",
+    ),
+    (
+        "[destinations.x]\nkind = 'plausible'\nendpoint = 'https://p.example/api/event'",
+        "config error: destinations.x.domain: '' is required",
+    ),
+    (
+        "[destinations.g]\nkind = 'ga4'\nendpoint = 'https://g.example/mp/collect'\nmeasurement_id = 'UA-1'\n"
+        "api_secret = 'x'",
+        "config error: destinations.g.measurement_id: 'UA-1' is not a GA4 measurement id",
+    ),
+    (
+        "[destinations.g]\nkind = 'ga4'\nendpoint = 'https://g.example/mp/collect'\nmeasurement_id = 'G-ABCDEF1'",
+        "config error: destinations.g.api_secret: None is required",
+    ),
+    (
+        "[destinations.g]\nkind = 'ga4'\nendpoint = 'https://g.example/mp/collect'\nmeasurement_id = 'G-ABCDEF1'\n"
+        "api_secret = 'x'\nrequires = ['marketing']",
+        "config error: destinations.g.requires[0]: 'marketing' is not a consent category",
+    ),
     ("[dispatch]\nqueue_size = 0", "config error: dispatch.queue_size: 0 must be greater than 0"),
     ("[metrics]\nallow = ['localhost']", "config error: metrics.allow[0]: 'localhost' is not an IP network"),
     ("prefix = '/'", "config error: prefix: '/' must not be the site root"),
-    ("[site]\norigins = ['https://www.python.org/path']",
-     "config error: site.origins[0]: 'https://www.python.org/path' must be an origin"),
+    (
+        "[site]\norigins = ['https://www.python.org/path']",
+        "config error: site.origins[0]: 'https://www.python.org/path' must be an origin",
+    ),
     ("this is not toml", "config error: "),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("snippet", "expected"), BAD)
@@ -195,3 +230,13 @@ def test_unreadable_file_names_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read") as info:
         load_settings(tmp_path / "missing.toml", environ={})
     assert "missing.toml" in str(info.value)
+
+
+def test_id_cookie_without_consent_is_rejected(tmp_path: Path) -> None:
+    text = (
+        "[destinations.g]\nkind = 'ga4'\nendpoint = 'https://g.example/mp/collect'\nmeasurement_id = 'G-ABCDEF1'\n"
+        "api_secret = 'x'\nrequires = []\n"
+    )
+    with pytest.raises(ConfigError, match=r"^config error: destinations.g.client_id: 'cookie' needs a consent"):
+        load_settings(write(tmp_path, text), environ={})
+    load_settings(write(tmp_path, text + "client_id = 'pseudonym'\n"), environ={})
