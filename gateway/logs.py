@@ -11,12 +11,15 @@ query string, where e-mail addresses and tokens live.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import json
 import logging
 import math
 import re
 import sys
+import time
 from typing import TextIO
 
 __all__ = ["JSONFormatter", "access_log", "configure_logging", "get_logger", "log_event"]
@@ -161,3 +164,81 @@ def access_log(method: str, path: str, status: int, client: str, duration_ms: fl
         client=client,
         duration_ms=round(duration_ms, 3),
     )
+
+
+class AccessLog:
+    """The gateway's access log, kept off the request path.
+
+    A request only appends a tuple to a bounded buffer (~0.2 µs); a background task formats the lines and writes
+    them in one batch every ``interval`` seconds, in the same JSON-lines shape as :func:`access_log` (formatting
+    and logging per request cost ~40 µs, more than everything else the gateway does). The path is logged without
+    its query string and escaped; ``client`` must be the truncated address. When the buffer is full (the writer
+    cannot keep up), further lines are counted and reported, never allowed to grow memory.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, interval: float = 0.25, max_lines: int = 50_000) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._max_lines = max_lines
+        self._lines: list[tuple[float, str, str, int, str, float]] = []
+        self._dropped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def record(self, method: str, path: str, status: int, client: str, duration_ms: float) -> None:
+        if len(self._lines) < self._max_lines:
+            self._lines.append((time.time(), method, path, status, client, duration_ms))
+        else:
+            self._dropped += 1
+
+    def start(self) -> None:
+        if self._task is None and _access_logger.isEnabledFor(logging.INFO):
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            self.flush()
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        dropped, self._dropped = self._dropped, 0
+        if not lines and not dropped:
+            return
+        out: list[str] = []
+        for created, method, path, status, client, duration_ms in lines:
+            cut = min((i for i in (path.find("?"), path.find("#")) if i >= 0), default=len(path))
+            path = path[:cut] if len(path[:cut]) <= _MAX_PATH else path[:_MAX_PATH] + "..."
+            ts = datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec="milliseconds")
+            out.append(
+                f'{{"ts":"{ts}","level":"info","logger":"{ACCESS_LOGGER}","event":"{ACCESS_EVENT}",'
+                f'"method":{json.dumps(method[:_MAX_METHOD])},"path":{json.dumps(path)},"status":{int(status)},'
+                f'"client":{json.dumps(client)},"duration_ms":{round(duration_ms, 3)}}}\n'
+            )
+        if dropped:
+            out.append(
+                json.dumps({"ts": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+                            "level": "warning", "logger": ACCESS_LOGGER, "event": "access_log.dropped",
+                            "lines": dropped}, separators=(",", ":")) + "\n"
+            )  # fmt: skip
+        stream = self._stream if self._stream is not None else _current_stream()
+        try:
+            stream.write("".join(out))
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream must not take the gateway down
+            pass
+
+
+def _current_stream() -> TextIO:
+    """The stream configure_logging() set up for the gateway logger, else stderr."""
+    for handler in logging.getLogger(ROOT_LOGGER).handlers:
+        if isinstance(handler, _JSONLinesHandler):
+            return handler.stream
+    return sys.stderr

@@ -31,7 +31,7 @@ from gateway.dispatch import Dispatcher
 from gateway.endpoints import Endpoints
 from gateway.events import PAGEVIEW, Event
 from gateway.geo import Geo, open_geo
-from gateway.logs import access_log
+from gateway.logs import AccessLog
 from gateway.pageview import PageviewDetector, TitleSniffer, page_url, primary_language
 from gateway.sinks.dryrun import DryRunTransport
 from gateway.sinks.factory import build_sinks
@@ -88,7 +88,7 @@ class PrivacyGateway:
         self._prefix = settings.prefix
         self._prefix_slash = settings.prefix.rstrip("/") + "/"
         self._beacon_path = settings.analytics.beacon_path
-        self._access_log = access_log
+        self._access_log = AccessLog() if access_log else None
         self._started = False
 
     # ----------------------------------------------------------------------------------------------------------
@@ -99,11 +99,15 @@ class PrivacyGateway:
         if not self._started:
             self._started = True
             await self.dispatcher.start()
+            if self._access_log is not None:
+                self._access_log.start()
 
     async def shutdown(self) -> None:
         if self._started:
             self._started = False
             await self.dispatcher.stop()
+            if self._access_log is not None:
+                await self._access_log.stop()
         if self._endpoints.receipts is not None:
             self._endpoints.receipts.close()
         self.geo.close()
@@ -136,7 +140,7 @@ class PrivacyGateway:
         if not self._started:
             # The host server may not run lifespan (e.g. Django's ASGI handler rejects it): start on first use.
             await self.startup()
-        started = time.perf_counter() if self._access_log else 0.0
+        started = time.perf_counter() if self._access_log is not None else 0.0
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         client = scope.get("client")
         peer = client[0] if client else None
@@ -237,7 +241,8 @@ class PrivacyGateway:
         await self._call_app(scope, receive, send, started)
 
     async def _call_app(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        if not self._access_log:
+        access_log = self._access_log
+        if access_log is None:
             await self.app(scope, receive, send)
             return
         status = 0
@@ -252,7 +257,8 @@ class PrivacyGateway:
             await self.app(scope, receive, logging_send)
         finally:
             client = scope.get("client")
-            access_log(
+            # Recorded now, formatted and written in a batch by a background task (gateway.logs.AccessLog).
+            access_log.record(
                 scope["method"],
                 scope["path"],
                 status or 500,
@@ -293,4 +299,3 @@ class PrivacyGateway:
             await send(message)
 
         return pageview_send
-

@@ -185,12 +185,45 @@ def test_http_client_request_lines_never_carry_the_ga4_secret(caplog: pytest.Log
     httpx_logger = logging.getLogger("httpx")
     httpx_logger.setLevel(logging.DEBUG)  # even someone who turns httpx's logging back on
     try:
-        with caplog.at_level(logging.DEBUG, logger="httpx"), httpx.Client(
-            transport=httpx.MockTransport(lambda request: httpx.Response(204))
-        ) as client:
+        with (
+            caplog.at_level(logging.DEBUG, logger="httpx"),
+            httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(204))) as client,
+        ):
             client.post("https://region1.google-analytics.com/mp/collect?measurement_id=G-X1&api_secret=CANARYSECRET")
     finally:
         httpx_logger.setLevel(logging.WARNING)
     text = "\n".join(record.getMessage() for record in caplog.records)
     assert "api_secret=***" in text
     assert "CANARYSECRET" not in text
+
+
+@pytest.mark.anyio
+async def test_access_log_writes_batched_json_lines_without_query_strings() -> None:
+    from gateway.logs import AccessLog
+
+    stream = io.StringIO()
+    log = AccessLog(stream, interval=0.01, max_lines=3)
+    log.start()
+    log.record("GET", "/reset/?token=canary-token&email=a@b.example", 200, "198.51.100.0", 1.25)
+    log.record("POST", '/x\r\n{"forged":1}\x1b[31m', 404, "2001:db8::", 0.5)
+    await log.stop()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["method"], x["path"], x["status"], x["client"]) for x in lines] == [
+        ("GET", "/reset/", 200, "198.51.100.0"),
+        ("POST", '/x\r\n{"forged":1}\x1b[31m', 404, "2001:db8::"),
+    ]
+    assert "canary-token" not in stream.getvalue()
+    assert len(stream.getvalue().splitlines()) == 2  # CR/LF in a path cannot start a line
+
+
+def test_access_log_buffer_is_bounded_and_counts_what_it_drops() -> None:
+    from gateway.logs import AccessLog
+
+    stream = io.StringIO()
+    log = AccessLog(stream, max_lines=5)
+    for _ in range(12):
+        log.record("GET", "/", 200, "198.51.100.0", 1.0)
+    log.flush()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 6
+    assert lines[-1]["event"] == "access_log.dropped" and lines[-1]["lines"] == 7
