@@ -31,6 +31,8 @@ import re
 import socket
 from collections.abc import Iterable, Sequence
 
+from gateway.config import CLIENT_IP_SOURCES
+
 __all__ = [
     "DEFAULT_SOURCES",
     "FORWARDING_HEADERS",
@@ -44,15 +46,8 @@ __all__ = [
     "parse_ip",
 ]
 
-# Every source the resolver understands, in no particular order (gateway.config.CLIENT_IP_SOURCES mirrors it).
-SOURCES: tuple[str, ...] = (
-    "fastly-client-ip",
-    "x-forwarded-for",
-    "forwarded",
-    "x-real-ip",
-    "cf-connecting-ip",
-    "true-client-ip",
-)
+# Every source the resolver understands, in no particular order (the config validates against the same list).
+SOURCES: tuple[str, ...] = CLIENT_IP_SOURCES
 DEFAULT_SOURCES: tuple[str, ...] = ("fastly-client-ip", "x-forwarded-for", "forwarded")
 
 # Request headers that carry a client address. The middleware strips all of them from every request before the app
@@ -72,6 +67,10 @@ FORWARDING_HEADERS: frozenset[bytes] = frozenset(
         b"forwarded-for",
         b"x-forwarded",
         b"x-original-forwarded-for",
+        # Plausible reads these before X-Forwarded-For (protocols.md §1.3): never let a visitor's value through.
+        b"b-forwarded-for",
+        b"x-plausible-ip",
+        b"x-plausible-ip-type",
     }
 )
 

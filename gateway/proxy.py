@@ -32,6 +32,7 @@ from urllib.parse import quote, urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.clientip import FORWARDING_HEADERS as CLIENT_ADDRESS_HEADERS
 from gateway.config import ConfigError, UpstreamSettings
 from gateway.upstream import UpstreamClient, UpstreamError, UpstreamResponse, UpstreamTimeout
 
@@ -60,26 +61,11 @@ HOP_BY_HOP_HEADERS: Final = frozenset(
         b"proxy-authenticate",
     }
 )
-# Headers that carry (or claim to carry) a client address. Only the gateway sets X-Forwarded-For; anything a
-# visitor sends could be spoofed or hold the full IP. X-Plausible-IP and B-Forwarded-For take precedence over
-# X-Forwarded-For in Plausible (protocols.md §1.3). Any "x-forwarded-*" name is dropped as well.
-FORWARDING_HEADERS: Final = frozenset(
-    {
-        b"forwarded",
-        b"x-real-ip",
-        b"fastly-client-ip",
-        b"cf-connecting-ip",
-        b"true-client-ip",
-        b"x-client-ip",
-        b"x-cluster-client-ip",
-        b"client-ip",
-        b"forwarded-for",
-        b"x-original-forwarded-for",
-        b"b-forwarded-for",
-        b"x-plausible-ip",
-        b"x-plausible-ip-type",
-    }
-)
+# Headers that carry (or claim to carry) a client address: one list, gateway.clientip's. Only the gateway sets
+# X-Forwarded-For; anything a visitor sends could be spoofed or hold the full IP. Any "x-forwarded-*" name is
+# dropped as well.
+# X-Forwarded-* are dropped by prefix below, and the proxy sets its own X-Forwarded-For/-Proto/-Host.
+FORWARDING_HEADERS: Final = frozenset(n for n in CLIENT_ADDRESS_HEADERS if not n.startswith(b"x-forwarded"))
 # Never dropped because Connection names them: "HTTP intermediaries MUST NOT remove a Sec-GPC header set to 1"
 # (https://privacycg.github.io/gpc-spec/#the-sec-gpc-header-field-for-http-requests).
 _PROTECTED_HEADERS: Final = frozenset({b"sec-gpc"})
