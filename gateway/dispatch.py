@@ -8,7 +8,9 @@ awaits, never does I/O and never raises. Everything else runs in the lane's back
 
 - *senders* (``max_connections // #destinations`` per lane, at least one) build payloads with ``sink.build`` (policy
   and scrubbing happen here, off the request path), group equal non-empty ``batch_key``\\ s into one request of at
-  most ``sink.max_batch`` payloads, send it through one shared ``httpx.AsyncClient`` and apply the verdict;
+  most ``sink.max_batch`` payloads, send it through one shared keep-alive transport
+  (:class:`~gateway.sinks.transport.UpstreamTransport`, or an ``httpx.AsyncClient`` around a transport that was
+  passed in) and apply the verdict;
 - one *keeper* ticks every ``flush_interval / 4``: it writes overflow, queued events that waited too long, retries
   and long in-flight batches to the spool, purges expired rows, loads due rows from the spool, and wakes senders.
 
@@ -78,7 +80,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import httpx
@@ -87,6 +89,7 @@ from gateway.config import DispatchSettings, SpoolSettings
 from gateway.events import Event
 from gateway.logs import quiet_http_client_logs
 from gateway.sinks import Outcome, Payload, PolicyDrop, Sink
+from gateway.sinks.transport import UpstreamTransport
 from gateway.spool import DeadLetter, PutResult, Spool, SpoolRow, SpoolSummary
 
 __all__ = ["CIRCUIT_CLOSED", "CIRCUIT_HALF_OPEN", "CIRCUIT_OPEN", "Dispatcher"]
@@ -245,7 +248,8 @@ class _Lane:
         # Ready items kept in memory from the spool: enough to keep every sender busy for a round.
         self.ready_low = senders * self.max_batch
         self.ready_high = max(64, 2 * self.ready_low)
-        self.client: httpx.AsyncClient | None = None
+        # How this lane sends one request: httpx.AsyncClient.send, or the default transport called directly.
+        self.send: Callable[[httpx.Request], Awaitable[httpx.Response]] | None = None
 
         # intake (hot path)
         self.queue: deque[Event] = deque()
@@ -372,7 +376,8 @@ class Dispatcher:
     Arguments:
         sinks: one per destination; ``sink.name`` keys the stats, the spool rows and ``transports``.
         settings, spool: ``[dispatch]`` and ``[spool]``.
-        transports: a transport per destination name (dry-run, tests); default: the shared real client.
+        transports: a transport per destination name (dry-run, tests), used through an ``httpx.AsyncClient``;
+            default: the shared :class:`~gateway.sinks.transport.UpstreamTransport`.
         transport: the transport for every destination without its own (tests).
         clock: wall-clock seconds; TTLs, backoff and circuit times use it (tests pass a fake one).
         ttls: seconds a payload may wait per destination (``[destinations.NAME] ttl_seconds``); default: the sink's
@@ -423,7 +428,7 @@ class Dispatcher:
         # Until start() has tried to open it, assume the spool will take the overflow (kept in memory meanwhile).
         self._spool_available = spool.enabled
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._clients: list[httpx.AsyncClient] = []
+        self._clients: list[httpx.AsyncClient | UpstreamTransport] = []
         self._senders: list[asyncio.Task[None]] = []
         self._keepers: list[asyncio.Task[None]] = []
         self._log = _LogThrottle()
@@ -535,8 +540,9 @@ class Dispatcher:
         )
         limits = httpx.Limits(max_connections=s.max_connections, max_keepalive_connections=s.max_connections)
         by_transport: dict[int, httpx.AsyncClient] = {}
+        default: UpstreamTransport | None = None
 
-        def client_for(transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
+        def client_for(transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
             key = id(transport)
             if key not in by_transport:
                 client = httpx.AsyncClient(
@@ -552,7 +558,18 @@ class Dispatcher:
             return by_transport[key]
 
         for lane in self._lanes:
-            lane.client = client_for(self._transports.get(lane.name, self._transport))
+            transport = self._transports.get(lane.name, self._transport)
+            if transport is not None:
+                lane.send = client_for(transport).send
+                continue
+            if default is None:
+                # The real destinations: keep-alive HTTP/1.1 over gateway.upstream, called without an
+                # httpx.AsyncClient around it (GitHub issue 7: the client's send() alone cost ~90 µs per request).
+                # What AsyncClient would add here is off anyway: no cookie jar, no redirects, no proxy or
+                # certificate settings from the environment; the transport reads every answer completely.
+                default = UpstreamTransport.from_settings(s)
+                self._clients.append(default)
+            lane.send = default.handle_async_request
 
     async def stop(self) -> None:
         """Stop intake, deliver what is queued within ``shutdown_timeout``, spool the rest, close everything."""
@@ -929,11 +946,11 @@ class Dispatcher:
 
     async def _call(self, lane: _Lane, request: httpx.Request) -> tuple[httpx.Response | None, str, bool]:
         """Send one request: (response, "", False), or (None, failure reason, whether it may have arrived)."""
-        client = lane.client
-        assert client is not None
+        send = lane.send
+        assert send is not None
         try:
             async with asyncio.timeout(self._request_deadline):
-                return await client.send(request), "", False
+                return await send(request), "", False
         except TimeoutError:
             return None, "timeout", True
         except _NOT_SENT_ERRORS as exc:

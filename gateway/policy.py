@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import email.utils
+import functools
 import ipaddress
 import json
 import re
@@ -66,6 +67,15 @@ MAX_PROP_TEXT_CHARS: Final = 4000
 # Inputs are cut to this before scrubbing, to bound the work. Every destination caps URLs at 2000 or less, so what
 # lies beyond this never leaves anyway.
 MAX_INPUT_URL_CHARS: Final = 16_384
+
+# Memo caches for the pure, regex-heavy minimisation of URLs, referrers, titles, user agents and addresses. Popular
+# pages, referrers and browsers repeat, so most events skip the ~100 µs of scrubbing (GitHub issue 7). Each cache is
+# keyed by the input and every setting that affects the result, and holds only values that are already in memory
+# in queued events, plus their minimised forms; nothing is written anywhere, and a process restart forgets it all.
+# Bounded twice: at most _CACHE_ENTRIES entries per cache (least recently used go first), and inputs longer than
+# _CACHEABLE_CHARS bypass the caches, so each holds at most ~4096 × (512 + result) characters, a few MB worst case.
+_CACHE_ENTRIES: Final = 4096
+_CACHEABLE_CHARS: Final = 512
 
 # ---------------------------------------------------------------------------------------------------------------
 # What "looks sensitive" means
@@ -162,8 +172,39 @@ def scrub_text(text: str, placeholder: str, *, product_versions: bool = False) -
 
 def _clean_text(text: str, placeholder: str, max_chars: int, *, product_versions: bool = False) -> str:
     """Single-line, control-free, scrubbed text. Cut before scrubbing to bound the regex work, and after."""
+    if len(text) <= _CACHEABLE_CHARS:
+        return _clean_text_cached(text, placeholder, max_chars, product_versions)
+    return _clean_text_uncached(text, placeholder, max_chars, product_versions)
+
+
+def _clean_text_uncached(text: str, placeholder: str, max_chars: int, product_versions: bool) -> str:
     text = _SPACES.sub(" ", _CONTROL.sub(" ", text[: max_chars * 2])).strip()
     return scrub_text(text, placeholder, product_versions=product_versions)[:max_chars].strip()
+
+
+_clean_text_cached: Final = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_clean_text_uncached)
+
+
+def _ascii_user_agent(user_agent: str, placeholder: str) -> str:
+    # Header values are Latin-1 on the wire; keep printable ASCII so the value is a valid header and JSON-cheap.
+    ascii_only = "".join(c if " " <= c <= "~" else " " for c in user_agent[: MAX_USER_AGENT_CHARS * 2])
+    # Uncached inside: the whole function is memoised (or the input is too long to be), so one entry per UA.
+    return _clean_text_uncached(ascii_only, placeholder, MAX_USER_AGENT_CHARS, True)
+
+
+_ascii_user_agent_cached: Final = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_ascii_user_agent)
+
+
+def _truncate_ip(ip: str, ipv4_prefix: int, ipv6_prefix: int) -> str:
+    try:
+        address = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        return ""
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+
+
+_truncate_ip_cached: Final = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_truncate_ip)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,19 +278,40 @@ def scrub_url(
 
     Returns None when ``url`` is not an absolute http(s) URL. The result is ASCII (percent-encoded).
     """
+    return _page_parts(url, frozenset(allowed_query_params), placeholder, scrub_segments).url
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PageParts:
+    """A URL as a destination may see it: scrubbed (None if not an http(s) URL), its origin and its hostname."""
+
+    url: str | None
+    origin: str | None
+    hostname: str  # "" when the URL is not usable
+
+
+_NO_PAGE: Final = _PageParts(None, None, "")
+
+
+def _page_parts_uncached(url: str, params: frozenset[str], placeholder: str, scrub_segments: bool) -> _PageParts:
     split = _split(url)
     if split is None:
-        return None
+        return _NO_PAGE
     scheme, hostname, port, path, query = split
-    return urlunsplit(
-        (
-            scheme,
-            _netloc(hostname, port, scheme),
-            _scrub_path(path, placeholder, scrub_segments),
-            _scrub_query(query, allowed_query_params, placeholder),
-            "",
-        )
+    netloc = _netloc(hostname, port, scheme)
+    scrubbed = urlunsplit(
+        (scheme, netloc, _scrub_path(path, placeholder, scrub_segments), _scrub_query(query, params, placeholder), "")
     )
+    return _PageParts(scrubbed, f"{scheme}://{netloc}/", hostname)
+
+
+_page_parts_cached: Final = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_page_parts_uncached)
+
+
+def _page_parts(url: str, params: frozenset[str], placeholder: str, scrub_segments: bool) -> _PageParts:
+    if len(url) <= _CACHEABLE_CHARS:
+        return _page_parts_cached(url, params, placeholder, scrub_segments)
+    return _page_parts_uncached(url, params, placeholder, scrub_segments)
 
 
 def reduce_referrer(
@@ -262,25 +324,53 @@ def reduce_referrer(
     scrub_segments: bool = True,
 ) -> str:
     """Own-site referrers are scrubbed like the page URL; external ones become their origin; junk becomes ""."""
+    page = _split(page_url)
+    return _reduce_referrer(
+        referrer,
+        page[1] if page is not None else "",
+        frozenset(own_hosts),
+        frozenset(allowed_query_params),
+        placeholder,
+        scrub_segments,
+    )
+
+
+def _reduce_referrer(
+    referrer: str,
+    page_host: str,
+    own_hosts: frozenset[str],
+    params: frozenset[str],
+    placeholder: str,
+    scrub_segments: bool,
+) -> str:
+    """:func:`reduce_referrer` given the page's hostname ("" if unknown); memoised for short referrers."""
+    if len(referrer) <= _CACHEABLE_CHARS:
+        return _reduce_referrer_cached(referrer, page_host, own_hosts, params, placeholder, scrub_segments)
+    return _reduce_referrer_uncached(referrer, page_host, own_hosts, params, placeholder, scrub_segments)
+
+
+def _reduce_referrer_uncached(
+    referrer: str,
+    page_host: str,
+    own_hosts: frozenset[str],
+    params: frozenset[str],
+    placeholder: str,
+    scrub_segments: bool,
+) -> str:
     split = _split(referrer)
     if split is None:
         return ""
-    page = _split(page_url)
     hostname = split[1]
-    if hostname in own_hosts or (page is not None and hostname == page[1]):
-        return (
-            scrub_url(
-                referrer,
-                allowed_query_params=allowed_query_params,
-                placeholder=placeholder,
-                scrub_segments=scrub_segments,
-            )
-            or ""
-        )
+    if hostname in own_hosts or hostname == page_host:
+        return _page_parts(referrer, params, placeholder, scrub_segments).url or ""
     if _is_ip(hostname):
         # An external page on a bare IP address is often someone's own machine; its address says too much.
         return ""
-    return origin(referrer) or ""
+    scheme, _, port, _, _ = split
+    return f"{scheme}://{_netloc(hostname, port, scheme)}/"
+
+
+_reduce_referrer_cached: Final = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_reduce_referrer_uncached)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,6 +400,12 @@ def truncate_url(url: str, max_len: int, *, measure_encoded: bool = False) -> st
 
     Never leaves a broken ``%XX`` escape at the end. ``measure_encoded`` counts the URL-encoded length (GA4).
     """
+    if len(url) <= _CACHEABLE_CHARS:
+        return _truncate_url_cached(url, max_len, measure_encoded)
+    return _truncate_url(url, max_len, measure_encoded)
+
+
+def _truncate_url(url: str, max_len: int, measure_encoded: bool) -> str:
 
     def size(text: str) -> int:
         return _encoded_len(text) if measure_encoded else len(text.encode("utf-8"))
@@ -333,6 +429,10 @@ def truncate_url(url: str, max_len: int, *, measure_encoded: bool = False) -> st
     if percent != -1:
         cut = cut[:percent]
     return _drop_partial_utf8(cut)
+
+
+# Scrubbed page URLs and referrers repeat as much as their inputs; measuring GA4's encoded length is a quote() each.
+_truncate_url_cached: Final = functools.lru_cache(maxsize=_CACHE_ENTRIES)(_truncate_url)
 
 
 _TRAILING_ESCAPES: Final = re.compile(r"(?:%[0-9A-Fa-f]{2})+$")
@@ -422,42 +522,40 @@ class DestinationPolicy:
 
     # Single fields -------------------------------------------------------------------------------------------
 
+    def _page(self, url: str) -> _PageParts:
+        return _page_parts(url[:MAX_INPUT_URL_CHARS], self.query_params, self.placeholder, self.scrub_segments)
+
     def page_url(self, url: str) -> str | None:
-        return scrub_url(
-            url[:MAX_INPUT_URL_CHARS],
-            allowed_query_params=self.query_params,
-            placeholder=self.placeholder,
-            scrub_segments=self.scrub_segments,
-        )
+        return self._page(url).url
 
     def referrer(self, referrer: str, page_url: str) -> str:
+        return self._referrer(referrer, self._page(page_url).hostname)
+
+    def _referrer(self, referrer: str, page_host: str) -> str:
         if not referrer:
             return ""
-        return reduce_referrer(
+        return _reduce_referrer(
             referrer[:MAX_INPUT_URL_CHARS],
-            page_url=page_url,
-            own_hosts=self.own_hosts,
-            allowed_query_params=self.query_params,
-            placeholder=self.placeholder,
-            scrub_segments=self.scrub_segments,
+            page_host,
+            self.own_hosts,
+            self.query_params,
+            self.placeholder,
+            self.scrub_segments,
         )
 
     def title(self, title: str) -> str:
         return _clean_text(title, self.placeholder, MAX_TITLE_CHARS)
 
     def user_agent(self, user_agent: str) -> str:
-        # Header values are Latin-1 on the wire; keep printable ASCII so the value is a valid header and JSON-cheap.
-        ascii_only = "".join(c if " " <= c <= "~" else " " for c in user_agent[: MAX_USER_AGENT_CHARS * 2])
-        return _clean_text(ascii_only, self.placeholder, MAX_USER_AGENT_CHARS, product_versions=True)
+        if len(user_agent) <= _CACHEABLE_CHARS:
+            return _ascii_user_agent_cached(user_agent, self.placeholder)
+        return _ascii_user_agent(user_agent, self.placeholder)
 
     def ip(self, ip: str) -> str:
         """The address truncated to the configured prefix; "" if it is not an address."""
-        try:
-            address = ipaddress.ip_address(ip.strip())
-        except ValueError:
-            return ""
-        prefix = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
-        return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+        if len(ip) <= _CACHEABLE_CHARS:
+            return _truncate_ip_cached(ip, self.ipv4_prefix, self.ipv6_prefix)
+        return _truncate_ip(ip, self.ipv4_prefix, self.ipv6_prefix)
 
     @staticmethod
     def country(country: str) -> str:
@@ -506,22 +604,21 @@ class DestinationPolicy:
     def apply(self, event: Event) -> FilteredEvent:
         """Check consent and return the allowed, minimised fields; PolicyDrop if the event cannot be sent at all."""
         self.check_consent(event)
-        page = self.page_url(event.url)
-        page_origin = origin(event.url)
-        if page is None or page_origin is None:
+        page = self._page(event.url)
+        if page.url is None or page.origin is None:
             raise PolicyDrop("invalid_url")
         allows = self.fields.__contains__
         return FilteredEvent(
             name=event.name,
-            url=page if allows("url") else page_origin,
-            referrer=self.referrer(event.referrer, event.url) if allows("referrer") else "",
+            url=page.url if allows("url") else page.origin,
+            referrer=self._referrer(event.referrer, page.hostname) if allows("referrer") else "",
             title=self.title(event.title) if allows("title") else "",
             country=self.country(event.country) if allows("country") else "",
             language=self.language(event.language) if allows("language") else "",
             user_agent=self.user_agent(event.user_agent) if allows("user_agent") else "",
             ip=self.ip(event.ip) if allows("ip") else "",
             props=self.props(event.props) if allows("props") else {},
-            page_host=urlsplit(page_origin).hostname or "",
+            page_host=page.hostname,
         )
 
 
