@@ -1,0 +1,668 @@
+"""Loopback load with wrk: processes, nginx, CPU accounting, interleaved runs; and the middleware-mode benchmark.
+
+Method (docs/testing.md): every server runs as its own process on 127.0.0.1 (uvicorn: one worker, httptools,
+uvloop, no access log, no proxy headers; nginx: one worker process, access log off). All servers of a group stay up
+for the whole group and wrk (``-t1 -c64 --latency``) visits them in rotating order (A B C, B C A, ...), so machine
+noise hits every configuration alike; each figure is the median over the runs. For every run the CPU seconds of
+wrk (``wait4`` rusage) and of each server process tree (``/proc/<pid>/stat`` utime+stime) are recorded, so a
+saturated load generator or a busy helper process (collector, upstream) is visible next to the numbers.
+
+Middleware mode (:func:`run_middleware`): ``raw`` ASGI app (floor), bare ``starlette`` app (the 1.00 reference),
+the same app inside ``PrivacyGateway`` with Plausible + GA4 destinations really delivering to a local collector
+(``gateway``), and with no destinations (``gateway-nodest``: events built and handed to a dispatcher without
+lanes), which isolates the request-path cost from the delivery cost.
+
+    python -m benchmarks.macro [--duration 10] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+if __package__ in (None, ""):  # run as a script: make "benchmarks" and "gateway" importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (
+    PAGE_PATH,
+    PAGE_QUERY,
+    build_geo_database,
+    cookie_header,
+    gateway_settings,
+    load,
+    to_toml,
+    write_wrk_script,
+)
+
+__all__ = [
+    "Config",
+    "RunResult",
+    "Service",
+    "Summary",
+    "ToolStatus",
+    "ensure_tools",
+    "free_port",
+    "interleave",
+    "run_middleware",
+    "start_nginx",
+    "start_process",
+    "start_uvicorn",
+]
+
+REPO: Final = Path(__file__).resolve().parents[1]
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+WRK_CONNECTIONS: Final = 64
+WRK_THREADS: Final = 1
+# [dispatch] queue_size of the delivering gateway in middleware mode (see run_middleware).
+DELIVERING_QUEUE_SIZE: Final = 1000
+
+# --------------------------------------------------------------------------------------------------------------
+# tools
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolStatus:
+    wrk: str | None  # path, or None when unavailable
+    nginx: str | None
+    note: str  # what was installed or why something is missing
+
+
+def _find(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.is_file()), None
+    )
+
+
+def ensure_tools(install: bool = True) -> ToolStatus:
+    """wrk and nginx from Debian; installed with apt-get only when missing, allowed, and running as root."""
+    missing = [name for name in ("wrk", "nginx") if _find(name) is None]
+    note = ""
+    if missing and install and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        command = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, timeout=600, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            note = f"apt-get install {' '.join(missing)} failed: {exc}"
+        else:
+            note = (
+                f"installed {' '.join(missing)} with apt-get"
+                if done.returncode == 0
+                else f"apt-get install {' '.join(missing)} failed (exit {done.returncode}; offline?)"
+            )
+    elif missing:
+        note = f"{' and '.join(missing)} not installed (apt-get install {' '.join(missing)} needs root)"
+    return ToolStatus(_find("wrk"), _find("nginx"), note)
+
+
+def tool_version(path: str | None, flag: str) -> str:
+    if path is None:
+        return "not installed"
+    try:
+        done = subprocess.run([path, flag], capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "unknown"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# processes
+# --------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds; 0 when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()  # fields after the command name; utime is field 14 overall
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class Service:
+    """A server process (and its children, e.g. nginx workers) started for a benchmark, stopped by PID."""
+
+    def __init__(self, name: str, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.name = name
+        self.process = process
+        self.port = port
+        self.log = log
+        self._tree: list[int] = [process.pid]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def refresh_tree(self) -> None:
+        self._tree = [self.process.pid, *_children(self.process.pid)]
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(pid) for pid in self._tree)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            # nginx: SIGQUIT is the graceful stop; everything else stops on SIGTERM.
+            self.process.send_signal(signal.SIGQUIT if self.name.startswith("nginx") else signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _wait_http(service: Service, path: str, timeout: float = 30.0) -> None:
+    """Poll until ``path`` answers (any HTTP status); raise with the log tail if the process dies or times out."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with code {service.process.returncode}:\n{service.tail()}")
+        try:
+            with urllib.request.urlopen(f"{service.url}{path}", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.05)
+    raise TimeoutError(f"{service.name} did not answer on {service.url}{path} within {timeout}s ({last})")
+
+
+def start_process(
+    name: str,
+    command: Sequence[str],
+    port: int,
+    directory: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    ready_path: str = "/",
+) -> Service:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    full_env.update(env or {})
+    log = directory / f"{name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            list(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env, cwd=REPO
+        )
+    service = Service(name, process, port, log)
+    try:
+        _wait_http(service, ready_path)
+    except BaseException:
+        service.stop()
+        raise
+    service.refresh_tree()
+    return service
+
+
+def start_uvicorn(
+    name: str, factory: str, directory: Path, *, env: Mapping[str, str] | None = None, ready_path: str = "/"
+) -> Service:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1", "--port", str(port),
+        "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
+    ]  # fmt: skip
+    return start_process(name, command, port, directory, env=env, ready_path=ready_path)
+
+
+def start_nginx(name: str, nginx: str, directory: Path, server_block: str, *, ready_path: str = "/") -> Service:
+    """One unprivileged-style nginx (``-p DIR``, ``daemon off``, one worker) with the given ``server { }`` body.
+
+    ``{port}`` in ``server_block`` is replaced by the port it listens on.
+    """
+    root = directory / name
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    temp = {kind: root / f"{kind}_temp" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for path in temp.values():
+        path.mkdir(exist_ok=True)
+        path.chmod(0o777)  # workers run as "nobody" when started by root
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+daemon off;
+pid {root / "nginx.pid"};
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type text/html;
+    types {{ text/html html; }}
+    keepalive_requests 1000000;
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+{server_block.replace("{port}", str(port))}
+}}
+""",
+        encoding="utf-8",
+    )
+    return start_process(name, [nginx, "-c", str(conf), "-p", str(root)], port, directory, ready_path=ready_path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# wrk
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # socket errors + non-2xx/3xx answers
+    seconds: float  # wall clock of the wrk run
+    wrk_cpu_s: float
+    cpu_s: Mapping[str, float]  # per measured service
+
+
+_UNITS: Final = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_PERCENTILE = re.compile(r"^\s+(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
+_TOTAL = re.compile(r"(\d+) requests in ")
+_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+def parse_wrk(text: str) -> tuple[float, float, float, int, int]:
+    rps = _RPS.search(text)
+    total = _TOTAL.search(text)
+    percentiles = {m.group(1): float(m.group(2)) * _UNITS[m.group(3)] for m in _PERCENTILE.finditer(text)}
+    if rps is None or total is None or set(percentiles) != {"50", "99"}:
+        raise RuntimeError(f"cannot parse wrk output:\n{text}")
+    socket_errors = _SOCKET_ERRORS.search(text)
+    errors = sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    non_2xx = _NON_2XX.search(text)
+    errors += int(non_2xx.group(1)) if non_2xx else 0
+    return float(rps.group(1)), percentiles["50"], percentiles["99"], int(total.group(1)), errors
+
+
+def run_wrk(wrk: str, url: str, script: Path, seconds: float, measured: Sequence[Service]) -> RunResult:
+    before = {service.name: service.cpu_seconds() for service in measured}
+    command = [
+        wrk, f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+        url,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    assert process.stdout is not None
+    output = process.stdout.read().decode(errors="replace")
+    process.stdout.close()
+    # wait4 reaps wrk and returns its own rusage: the load generator's CPU, separate from everything else.
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    after = {service.name: service.cpu_seconds() for service in measured}
+    if process.returncode != 0:
+        raise RuntimeError(f"wrk exited with {process.returncode}:\n{output}")
+    rps, p50, p99, total, errors = parse_wrk(output)
+    return RunResult(
+        rps, p50, p99, total, errors, wall, usage.ru_utime + usage.ru_stime, {k: after[k] - before[k] for k in after}
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    label: str
+    url: str  # the full URL wrk requests
+    script: Path
+    measured: tuple[Service, ...]  # the server under test first, then helpers (collector, upstream)
+    after_run: Callable[[], Mapping[str, float]] | None = None  # extra counters read after each run
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Summary:
+    name: str
+    label: str
+    server: str  # the measured service under test (the others in RunResult.cpu_s are helpers)
+    runs: tuple[RunResult, ...]
+    extras: tuple[Mapping[str, float], ...]
+    totals: Mapping[str, float] = dataclasses.field(default_factory=dict)  # counters read once after all runs
+
+    @property
+    def rps(self) -> float:
+        return statistics.median(r.requests_per_s for r in self.runs)
+
+    @property
+    def rps_range(self) -> tuple[float, float]:
+        return min(r.requests_per_s for r in self.runs), max(r.requests_per_s for r in self.runs)
+
+    @property
+    def p50_ms(self) -> float:
+        return statistics.median(r.p50_ms for r in self.runs)
+
+    @property
+    def p99_ms(self) -> float:
+        return statistics.median(r.p99_ms for r in self.runs)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.runs)
+
+    @property
+    def wrk_cpu_pct(self) -> float:
+        return statistics.median(100 * r.wrk_cpu_s / r.seconds for r in self.runs)
+
+    def cpu_pct(self, service: str) -> float:
+        return statistics.median(100 * r.cpu_s.get(service, 0.0) / r.seconds for r in self.runs)
+
+    def cpu_us_per_request(self, service: str) -> float:
+        return statistics.median(1e6 * r.cpu_s.get(service, 0.0) / max(1, r.requests) for r in self.runs)
+
+    def extra(self, key: str) -> float:
+        values = [e[key] for e in self.extras if key in e]
+        return statistics.median(values) if values else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "label": self.label,
+            "server": self.server,
+            "rps": self.rps,
+            "rps_range": self.rps_range,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "errors": self.errors,
+            "wrk_cpu_pct": self.wrk_cpu_pct,
+            "runs": [dataclasses.asdict(r) for r in self.runs],
+            "extras": [dict(e) for e in self.extras],
+            "totals": dict(self.totals),
+        }
+
+
+def interleave(
+    wrk: str,
+    configs: Sequence[Config],
+    *,
+    runs: int,
+    seconds: float,
+    warmup: float,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Summary]:
+    """Warm every config up once, then ``runs`` rounds in rotating order; a Summary per config name."""
+    for config in configs:
+        run_wrk(wrk, config.url, config.script, warmup, config.measured)
+        if config.after_run is not None:
+            config.after_run()
+    results: dict[str, list[RunResult]] = {c.name: [] for c in configs}
+    extras: dict[str, list[Mapping[str, float]]] = {c.name: [] for c in configs}
+    for round_index in range(runs):
+        shift = round_index % len(configs)
+        for config in [*configs[shift:], *configs[:shift]]:
+            result = run_wrk(wrk, config.url, config.script, seconds, config.measured)
+            results[config.name].append(result)
+            if config.after_run is not None:
+                extras[config.name].append(config.after_run())
+            server = config.measured[0].name
+            progress(
+                f"  round {round_index + 1}/{runs} {config.name:<16} {result.requests_per_s:9.0f} req/s  "
+                f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
+                f"{server} CPU {100 * result.cpu_s[server] / result.seconds:4.0f}%  "
+                f"wrk CPU {100 * result.wrk_cpu_s / result.seconds:4.0f}%"
+                + (f"  errors {result.errors}" if result.errors else "")
+            )
+    return {
+        c.name: Summary(c.name, c.label, c.measured[0].name, tuple(results[c.name]), tuple(extras[c.name]))
+        for c in configs
+    }
+
+
+def fetch(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read()
+
+
+def gateway_dispatch_totals(gateway: Service) -> dict[str, float]:
+    """The gateway's dispatch counters from ``/_privacy/metrics`` (loopback is allowed), summed over destinations."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, body = fetch(f"{gateway.url}/_privacy/metrics")
+    if status != 200:
+        return {}
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name.startswith("gateway_dispatch_") and sample.name.endswith("_total"):
+                key = sample.name.removeprefix("gateway_dispatch_").removesuffix("_total")
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def collector_counts(collector: Service) -> dict[str, float]:
+    _, body = fetch(f"{collector.url}/_count")
+    counts: dict[str, float] = json.loads(body)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# middleware mode
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _services() -> Iterator[list[Service]]:
+    started: list[Service] = []
+    try:
+        yield started
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def _wait_delivered(collector: Service, events: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while collector_counts(collector)["events"] < events:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway did not deliver {events} events to the collector within {timeout}s")
+        time.sleep(0.05)
+
+
+def _wait_drained(collector: Service, quiet: float = 0.5, timeout: float = 60.0) -> float:
+    """Wait until the collector has received nothing for ``quiet`` seconds; return how long that took."""
+    started = time.monotonic()
+    count = collector_counts(collector)["requests"]
+    quiet_since = started
+    while time.monotonic() - started < timeout:
+        time.sleep(0.1)
+        now = collector_counts(collector)["requests"]
+        if now != count:
+            count, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet:
+            break
+    return time.monotonic() - started - quiet
+
+
+def _check_page(url: str, cookie: str, *, must_contain: Sequence[bytes]) -> None:
+    from benchmarks.common import REQUEST_HEADERS
+
+    status, body = fetch(url, {**dict(REQUEST_HEADERS), "Cookie": cookie})
+    missing = [m for m in must_contain if m not in body]
+    if status != 200 or missing:
+        raise RuntimeError(f"{url}: sanity check failed: HTTP {status}, missing {missing}")
+
+
+def run_middleware(
+    wrk: str,
+    *,
+    runs: int,
+    seconds: float,
+    warmup: float,
+    include_raw: bool = True,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Summary]:
+    with tempfile.TemporaryDirectory(prefix="bench-mw-") as tmp, _services() as services:
+        directory = Path(tmp)
+        geo = build_geo_database(directory)
+        collector = start_uvicorn("collector", "benchmarks.apps:collector_app", directory, ready_path="/_count")
+        services.append(collector)
+
+        def gateway_config(name: str, collector_url: str | None) -> tuple[Path, Path]:
+            sub = directory / name
+            sub.mkdir()
+            # Delivering: every request is a page view, two events each, far more than one worker can deliver.
+            # A small queue and no spool bound the backlog (the rest is dropped and counted), so what is left
+            # after a run drains in seconds and does not steal CPU from the next configuration's run.
+            delivering = collector_url is not None
+            table = gateway_settings(
+                sub,
+                geo,
+                collector_url=collector_url,
+                spool=not delivering,
+                queue_size=DELIVERING_QUEUE_SIZE if delivering else None,
+            )
+            config_path = sub / "gateway.toml"
+            config_path.write_text(to_toml(table), encoding="utf-8")
+            script = write_wrk_script(sub / "wrk.lua", cookie_header(load(config_path)))
+            return config_path, script
+
+        delivering, delivering_script = gateway_config("gateway", collector.url)
+        nodest, nodest_script = gateway_config("gateway-nodest", None)
+        apps = [
+            *([("raw", "benchmarks.apps:raw_app", None)] if include_raw else []),
+            ("starlette", "benchmarks.apps:starlette_app", None),
+            ("gateway", "benchmarks.apps:gateway_app", delivering),
+            ("gateway-nodest", "benchmarks.apps:gateway_app", nodest),
+        ]
+        servers: dict[str, Service] = {}
+        for name, factory, config_path in apps:
+            env = {"BENCH_GATEWAY_CONFIG": str(config_path)} if config_path else {}
+            servers[name] = start_uvicorn(name, factory, directory, env=env, ready_path=PAGE_PATH)
+            services.append(servers[name])
+
+        target = f"{PAGE_PATH}?{PAGE_QUERY}"
+        cookie = cookie_header(load(delivering))
+        _check_page(
+            f"{servers['gateway'].url}{target}", cookie, must_contain=[b"<title>Download Python", b"/_privacy/"]
+        )
+        nodest_cookie = cookie_header(load(nodest))
+        _check_page(
+            f"{servers['gateway-nodest'].url}{target}",
+            nodest_cookie,
+            must_contain=[b"<title>Download Python", b"/_privacy/"],
+        )
+        for name in ("starlette", "raw") if include_raw else ("starlette",):
+            _check_page(f"{servers[name].url}{target}", cookie, must_contain=[b"<title>Download Python"])
+        _wait_delivered(collector, 2)  # the sanity request's page view, to Plausible and to GA4
+
+        def delivered_counter() -> Callable[[], Mapping[str, float]]:
+            last = collector_counts(collector)
+
+            def read() -> Mapping[str, float]:
+                """Events that reached the collector during the run; then wait until the backlog is delivered."""
+                nonlocal last
+                now = collector_counts(collector)
+                delta = {
+                    "events_delivered": now["events"] - last["events"],
+                    "requests": now["requests"] - last["requests"],
+                    "drain_seconds": _wait_drained(collector),
+                }
+                last = collector_counts(collector)
+                return delta
+
+            return read
+
+        labels = {
+            "raw": "raw ASGI app (uvicorn floor)",
+            "starlette": "Starlette app, bare (reference)",
+            "gateway": "Starlette + gateway, Plausible + GA4 delivering to a local collector",
+            "gateway-nodest": "Starlette + gateway, no destinations",
+        }
+        configs = []
+        for name, _, _ in apps:
+            measured = (servers[name], collector) if name == "gateway" else (servers[name],)
+            script = nodest_script if name == "gateway-nodest" else delivering_script
+            configs.append(
+                Config(
+                    name,
+                    labels[name],
+                    f"{servers[name].url}{target}",
+                    script,
+                    measured,
+                    after_run=delivered_counter() if name == "gateway" else None,
+                )
+            )
+        results = interleave(wrk, configs, runs=runs, seconds=seconds, warmup=warmup, progress=progress)
+        totals = gateway_dispatch_totals(servers["gateway"])
+        results["gateway"] = dataclasses.replace(results["gateway"], totals=totals)
+        return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    tools = ensure_tools()
+    if tools.wrk is None:
+        sys.exit(f"wrk is required: {tools.note}")
+    results = run_middleware(tools.wrk, runs=args.runs, seconds=args.duration, warmup=args.warmup)
+    if args.json:
+        print(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
+        return
+    reference = results["starlette"]
+    for summary in results.values():
+        print(
+            f"{summary.name:<16} {summary.rps:9.0f} req/s ({summary.rps / reference.rps:5.2f})  "
+            f"p50 {summary.p50_ms:6.2f} ms  p99 {summary.p99_ms:6.2f} ms ({summary.p99_ms / reference.p99_ms:5.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
