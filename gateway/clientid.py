@@ -77,11 +77,18 @@ class ClientIdCookie:
 
     def read(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
         """The verified client id from the request's Cookie headers, or "" (absent, tampered or expired)."""
+        return self.read_cookies([value for name, value in headers if name == b"cookie"])
+
+    def read_cookies(self, cookies: Iterable[bytes], now: float | None = None) -> str:
+        """:meth:`read` given the values of the request's Cookie headers, in order (the middleware reads them once).
+
+        ``now``: ``time.time()`` if the caller has it at hand.
+        """
         name_eq = self._name_eq
-        for name, value in headers:
-            if name == b"cookie" and name_eq in value:  # cheap pre-check before any parsing
+        for value in cookies:
+            if value.find(name_eq) != -1:  # cheap pre-check before any parsing (find: cheaper than "in" for bytes)
                 for token in self._tokens(value):
-                    client_id = self._verify(token)
+                    client_id = self._verify(token, time.time() if now is None else now)
                     if client_id:
                         # If a stale duplicate is also sent, the first valid one wins: each was signed by us.
                         return client_id
@@ -116,9 +123,8 @@ class ClientIdCookie:
                 return
             start = header.find(name_eq, end)
 
-    def _verify(self, token: bytes) -> str:
+    def _verify(self, token: bytes, now: float) -> str:
         cached = self._cache.get(token)
-        now = time.time()
         if cached is not None:
             if cached[1] > now:
                 return cached[0]

@@ -33,7 +33,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -49,6 +49,8 @@ __all__ = [
     "ConsentManager",
     "category_texts",
     "compute_revision",
+    "dnt_is_on",
+    "sec_gpc_is_on",
 ]
 
 logger = logging.getLogger("gateway.consent")
@@ -136,7 +138,7 @@ def compute_revision(settings: Settings) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def _header_is_one(value: bytes) -> bool:
+def sec_gpc_is_on(value: bytes) -> bool:
     """Sec-GPC: exactly "1" after trimming optional whitespace (https://privacycg.github.io/gpc-spec/).
 
     A comma-joined value (several field lines folded by an intermediary, RFC 9110 §5.3) counts if any member is "1".
@@ -146,8 +148,8 @@ def _header_is_one(value: bytes) -> bool:
     return b"," in value and any(part.strip(_OWS) == b"1" for part in value.split(b","))
 
 
-def _dnt_is_one(value: bytes) -> bool:
-    # W3C TPE: DNT-field-value = ("0" / "1") *DNT-extension, so "1" followed by extension characters still means 1.
+def dnt_is_on(value: bytes) -> bool:
+    """DNT: W3C TPE's DNT-field-value = ("0" / "1") *DNT-extension, so "1" followed by extension characters is 1."""
     return value.strip(_OWS)[:1] == b"1"
 
 
@@ -234,19 +236,37 @@ class ConsentManager:
         """The consent decision for one request, from its ASGI headers (lower-case names, latin-1 bytes)."""
         name_eq = self._name_eq
         gpc = dnt = False
-        token: bytes | None = None
-        duplicated = False
+        cookies: list[bytes] = []
         for name, value in headers:
             if name == b"cookie":
                 if name_eq in value:  # cheap pre-check; most requests without our cookie stop here
-                    found, many = self._find_cookie(value)
-                    if found is not None:
-                        duplicated = duplicated or many or token is not None
-                        token = found
+                    cookies.append(value)
             elif name == b"sec-gpc":
-                gpc = gpc or _header_is_one(value)
+                gpc = gpc or sec_gpc_is_on(value)
             elif name == b"dnt":
-                dnt = dnt or _dnt_is_one(value)
+                dnt = dnt or dnt_is_on(value)
+        return self.decide_cookies(cookies, gpc, dnt)
+
+    def decide_cookies(
+        self, cookies: Iterable[bytes], gpc: bool, dnt: bool, now: float | None = None
+    ) -> ConsentDecision:
+        """:meth:`decide` for a caller that has read the request headers already (the middleware, in one pass).
+
+        ``cookies``: the values of every Cookie header, in order; ``gpc``/``dnt``: whether any Sec-GPC/DNT header
+        said :func:`sec_gpc_is_on`/:func:`dnt_is_on`; ``now``: ``time.time()`` if the caller has it at hand.
+        """
+        name_eq = self._name_eq
+        token: bytes | None = None
+        duplicated = False
+        for value in cookies:
+            # Cheap pre-check; most requests without our cookie stop here. (bytes.find, not "in": for bytes, "in"
+            # first tries the operand as an integer and pays for a TypeError.)
+            start = value.find(name_eq)
+            if start != -1:
+                found, many = self._find_cookie(value, start)
+                if found is not None:
+                    duplicated = duplicated or many or token is not None
+                    token = found
 
         if token is None or duplicated:
             # Two cookies with our name (cookie tossing from a sibling domain, or a stale path): nobody can tell
@@ -258,19 +278,23 @@ class ConsentManager:
         entry = self._cache.get(token)
         if entry is None:
             entry = self._verify(token)
-        elif entry.expires_at < time.time():
+        elif entry.expires_at < (time.time() if now is None else now):
             self._cache.pop(token, None)
             entry = None
         if entry is None:
             return ConsentDecision(None, frozenset(), gpc, dnt)
         return entry.decisions[2 * gpc + dnt]
 
-    def _find_cookie(self, header: bytes) -> tuple[bytes | None, bool]:
-        """Our cookie's value in one Cookie header and whether it occurs more than once (RFC 6265 §5.4 syntax)."""
+    def _find_cookie(self, header: bytes, start: int | None = None) -> tuple[bytes | None, bool]:
+        """Our cookie's value in one Cookie header and whether it occurs more than once (RFC 6265 §5.4 syntax).
+
+        ``start``: where ``header.find(name + "=")`` is, if the caller has looked already.
+        """
         name_eq = self._name_eq
         found: bytes | None = None
         many = False
-        start = header.find(name_eq)
+        if start is None:
+            start = header.find(name_eq)
         while start != -1:
             # A real match starts the header or follows "; " (skip optional whitespace back to the separator).
             before = start - 1

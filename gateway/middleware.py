@@ -2,37 +2,49 @@
 
 Per request, before the wrapped app sees anything::
 
-    resolve the client IP (trusted proxies only) -> country lookup on the full address, in memory
-    -> truncate -> rewrite scope["client"], drop every forwarding header -> read consent (signed cookie, Sec-GPC)
-    -> gateway endpoint? answer it : call the app, watching the response for a page view and injecting the banner
+    read every header any stage needs, in one pass -> resolve the client IP (trusted proxies only)
+    -> country lookup on the full address, in memory -> truncate -> rewrite scope["client"], drop every
+    forwarding header -> read consent (signed cookie, Sec-GPC) -> gateway endpoint? answer it : call the app,
+    watching the response for a page view and injecting the banner (one send wrapper does both)
 
-The full address lives only in local variables of :meth:`PrivacyGateway._http`; nothing per-request is kept on
+The full address lives only in local variables of :meth:`PrivacyGateway.__call__`; nothing per-request is kept on
 ``self``. Building the page-view event and handing it to the dispatcher is in-memory work; delivery happens in the
 dispatcher's background tasks, so a slow or dead analytics destination cannot slow a page.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import types
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.anonymize import Truncator
 from gateway.banner import Banner
-from gateway.banner.inject import wrap_send
+from gateway.banner.inject import _WAITING_FOR_START, BannerInjector, _rewrite_start
 from gateway.clientid import ClientIdCookie
-from gateway.clientip import FORWARDING_HEADERS, ClientIPResolver, TrustedProxies, normalize_ip
+from gateway.clientip import FORWARDING_HEADERS, SOURCES, ClientIPResolver, TrustedProxies, normalize_ip
 from gateway.config import Settings, load_settings
-from gateway.consent import ConsentManager
+from gateway.consent import ConsentManager, dnt_is_on, sec_gpc_is_on
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.dispatch import Dispatcher
 from gateway.endpoints import Endpoints
-from gateway.events import PAGEVIEW, Event
+from gateway.events import Event
 from gateway.geo import Geo, open_geo
 from gateway.logs import AccessLog
-from gateway.pageview import PageviewDetector, TitleSniffer, page_url, primary_language
+from gateway.pageview import (
+    PREFETCH_HEADERS,
+    PageviewDetector,
+    TitleSniffer,
+    is_prefetch,
+    page_url_for_host,
+    primary_language_of,
+    quick_title,
+)
 from gateway.sinks.dryrun import DryRunTransport
 from gateway.sinks.factory import build_sinks
 
@@ -73,6 +85,10 @@ class PrivacyGateway:
         self._client_ids = ClientIdCookie(settings)
         self._pageviews = PageviewDetector(settings)
         self._banner = Banner(settings) if settings.banner.enabled else None
+        # With one banner language there is nothing to choose (Banner.choose_language would return it anyway).
+        self._only_language = (
+            self._banner.default_language if self._banner is not None and len(self._banner.languages) == 1 else None
+        )
         if dispatcher is None:
             sinks = build_sinks(settings)
             transports = {s.name: DryRunTransport(s.name) for s in sinks if s.dry_run}
@@ -129,14 +145,15 @@ class PrivacyGateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http" or kind == "websocket":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if kind != "http" and kind != "websocket":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # An HTTP request or a websocket handshake, handled right here rather than in a helper coroutine: every
+        # await layer is a frame per request.
         if not self._started:
             # The host server may not run lifespan (e.g. Django's ASGI handler rejects it): start on first use.
             await self.startup()
@@ -145,7 +162,41 @@ class PrivacyGateway:
         client = scope.get("client")
         peer = client[0] if client else None
 
-        full_ip = self._resolver.resolve(peer, headers)
+        # One pass over the headers for everything any later stage reads; nothing below walks the list again.
+        host = user_agent = accept_language = referer = None
+        cookies: tuple[bytes, ...] = ()
+        forwarding: list[tuple[bytes, bytes]] | None = None
+        gpc = dnt = prefetch = False
+        kinds = _REQUEST_HEADER_KINDS
+        for name, value in headers:
+            kind = kinds.get(name)
+            if kind is None:
+                continue
+            if kind == _COOKIE:
+                cookies = (*cookies, value) if cookies else (value,)
+            elif kind == _USER_AGENT:
+                user_agent = value
+            elif kind == _ACCEPT_LANGUAGE:
+                accept_language = value
+            elif kind == _REFERER:
+                referer = value
+            elif kind == _HOST:
+                if host is None:  # the first one, as request_host() reads it
+                    host = value
+            elif kind == _FORWARDING:
+                if forwarding is None:
+                    forwarding = [(name, value)]
+                else:
+                    forwarding.append((name, value))
+            elif kind == _SEC_GPC:
+                gpc = gpc or sec_gpc_is_on(value)
+            elif kind == _DNT:
+                dnt = dnt or dnt_is_on(value)
+            else:  # _PREFETCH
+                prefetch = prefetch or is_prefetch(value)
+
+        # The resolver reads only forwarding headers (every client-IP source is one): hand it just those, in order.
+        full_ip = self._resolver.resolve(peer, (forwarding or ()) if _SOURCES_ARE_FORWARDING else headers)
         if full_ip is not None:
             ip = self._truncate(full_ip)
             country = self.geo.country(full_ip, ip)
@@ -154,28 +205,27 @@ class PrivacyGateway:
             country = ""
         del full_ip  # from here on only the truncated address exists
 
-        forwarding = FORWARDING_HEADERS
-        for name, _ in headers:
-            if name in forwarding:
-                headers = [h for h in headers if h[0] not in forwarding]
-                scope["headers"] = headers
-                break
+        if forwarding is not None:
+            stripped = FORWARDING_HEADERS
+            headers = [h for h in headers if h[0] not in stripped]
+            scope["headers"] = headers
         scope["client"] = (ip, 0) if ip else None
 
-        decision = self.consent.decide(headers)
+        now = time.time()
+        decision = self.consent.decide_cookies(cookies, gpc, dnt, now)
         granted = decision.granted
         client_id = ""
-        if granted and self._client_id_requirements:
-            client_id = self._client_ids.read(headers)
+        if granted and cookies and self._client_id_requirements:
+            client_id = self._client_ids.read_cookies(cookies, now)
         choice = decision.choice
-        context = PrivacyContext(
-            ip=ip,
-            country=country,
-            granted=granted,
-            choice_made=choice is not None,
-            gpc=decision.gpc,
-            consent_id=choice.consent_id if choice is not None else "",
-            client_id=client_id,
+        context = _new_context(
+            ip,
+            country,
+            granted,
+            choice is not None,
+            decision.gpc,
+            choice.consent_id if choice is not None else "",
+            client_id,
         )
         state = scope.get("state")
         if state is None:
@@ -194,108 +244,252 @@ class PrivacyGateway:
                 return
         del peer
 
-        counts = self._pageviews.request_may_count(scope)
+        method: str = scope["method"]
+        user_agent_text = user_agent.decode("latin-1") if user_agent else ""
+        counts = self._pageviews.request_counts(method, path, user_agent_text, prefetch=prefetch)
         banner = self._banner
-        inject = banner is not None and scope["method"] != "HEAD"
+        inject = banner is not None and method != "HEAD"
         if not counts and not inject:
-            await self._call_app(scope, receive, send, started)
+            if self._access_log is None:
+                await self.app(scope, receive, send)
+            else:
+                await self._call_app_logged(scope, receive, send, started)
             return
 
-        # One pass over the headers for everything the page-view path reads.
-        accept_language = referer = user_agent = None
-        for name, value in headers:
-            if name == b"accept-language":
-                accept_language = value
-            elif name == b"referer":
-                referer = value
-            elif name == b"user-agent":
-                user_agent = value
-
+        snippet = b""
+        vary: tuple[bytes, ...] = ()
         if inject:
             assert banner is not None
-            language = banner.choose_language(accept_language)
+            language = self._only_language or banner.choose_language(accept_language)
             snippet = banner.snippet(language, path, choice is None)
-            send = wrap_send(send, snippet, vary=banner.vary)
+            vary = banner.vary
             extensions = scope.get("extensions")
             if extensions and "http.response.pathsend" in extensions:
                 # A file sent by path cannot be edited on the way out; ask the app for a normal body instead.
                 scope["extensions"] = {k: v for k, v in extensions.items() if k != "http.response.pathsend"}
 
-        if counts:
-            set_cookie: bytes | None = None
-            if not client_id and self._needs_client_id(granted):
-                client_id, set_cookie = self._client_ids.new()
-            event = Event(
-                name=PAGEVIEW,
-                url=page_url(scope),
-                referrer=referer.decode("latin-1") if referer else "",
-                language=primary_language(accept_language.decode("latin-1")) if accept_language else "",
-                user_agent=user_agent.decode("latin-1") if user_agent else "",
-                country=country,
-                ip=ip,
-                granted=granted,
-                gpc=decision.gpc,
-                client_id=client_id,
-            )
-            send = self._watch_pageview(send, event, set_cookie)
-        await self._call_app(scope, receive, send, started)
-
-    async def _call_app(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        access_log = self._access_log
-        if access_log is None:
-            await self.app(scope, receive, send)
+        if not counts:
+            if self._access_log is None:
+                await self.app(scope, receive, BannerInjector(send, snippet, vary))
+            else:
+                await self._call_app_logged(scope, receive, send, started, snippet, vary)
             return
-        status = 0
+        set_cookie: bytes | None = None
+        if not client_id and self._needs_client_id(granted):
+            client_id, set_cookie = self._client_ids.new()
+        event = Event.server_pageview(
+            page_url_for_host(scope, host),
+            referer.decode("latin-1") if referer else "",
+            primary_language_of(accept_language) if accept_language else "",
+            user_agent_text,
+            country,
+            ip,
+            granted,
+            decision.gpc,
+            client_id,
+            now,
+        )
+        watcher = _ResponseWatcher(send, snippet, vary, event, set_cookie, self.dispatcher.submit)
+        if self._access_log is None:
+            await self.app(scope, receive, watcher)
+        else:
+            await self._call_app_logged(scope, receive, watcher, started)
 
-        async def logging_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
+    async def _call_app_logged(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        started: float,
+        snippet: bytes = b"",
+        vary: tuple[bytes, ...] = (),
+    ) -> None:
+        """Run the app and record the request in the access log.
 
+        ``send`` is the server's, or already a :class:`_ResponseWatcher` (a page view); otherwise one is made here,
+        injecting ``snippet`` if given. One object watches the response for everything (banner, page view, status
+        for the log), so each message the app sends costs a single extra await.
+        """
+        access_log = self._access_log
+        assert access_log is not None
+        watcher = (
+            send if isinstance(send, _ResponseWatcher) else _ResponseWatcher(send, snippet, vary, None, None, None)
+        )
         try:
-            await self.app(scope, receive, logging_send)
+            await self.app(scope, receive, watcher)
         finally:
             client = scope.get("client")
             # Recorded now, formatted and written in a batch by a background task (gateway.logs.AccessLog).
             access_log.record(
                 scope["method"],
                 scope["path"],
-                status or 500,
+                watcher.status or 500,
                 client[0] if client else "-",
                 (time.perf_counter() - started) * 1000.0,
             )
 
     def _needs_client_id(self, granted: frozenset[str]) -> bool:
-        return any(required <= granted for required in self._client_id_requirements)
+        for required in self._client_id_requirements:  # noqa: SIM110 (any() with a generator costs more)
+            if required <= granted:
+                return True
+        return False
 
     def _peer_allowed_for_metrics(self, peer: str) -> bool:
         normalized = normalize_ip(peer)
         return normalized is not None and normalized in self._metrics_peers
 
-    def _watch_pageview(self, send: Send, event: Event, set_cookie: bytes | None) -> Send:
-        """Wrap ``send``: count the page view if the answer is a 200 HTML page, with its <title>."""
-        submit = self.dispatcher.submit
-        sniffer: TitleSniffer | None = None
-        response_counts = PageviewDetector.response_counts
 
-        async def pageview_send(message: Message) -> None:
-            nonlocal sniffer
-            kind = message["type"]
-            if kind == "http.response.start":
-                if response_counts(message["status"], message.get("headers", ())):
-                    sniffer = TitleSniffer()
-                    if set_cookie is not None:
+# What the one pass in PrivacyGateway.__call__ does with each request header (ASGI names are lower case).
+_COOKIE, _USER_AGENT, _ACCEPT_LANGUAGE, _REFERER, _HOST, _FORWARDING, _SEC_GPC, _DNT, _PREFETCH = range(9)
+_REQUEST_HEADER_KINDS: Final[dict[bytes, int]] = {
+    b"cookie": _COOKIE,
+    b"user-agent": _USER_AGENT,
+    b"accept-language": _ACCEPT_LANGUAGE,
+    b"referer": _REFERER,
+    b"host": _HOST,
+    b"sec-gpc": _SEC_GPC,
+    b"dnt": _DNT,
+    **dict.fromkeys(PREFETCH_HEADERS, _PREFETCH),
+    **dict.fromkeys(FORWARDING_HEADERS, _FORWARDING),
+}
+
+# True while every header ClientIPResolver can read is one of the forwarding headers the pass above collects.
+_SOURCES_ARE_FORWARDING: Final = {source.encode("latin-1") for source in SOURCES} <= FORWARDING_HEADERS
+_response_counts = PageviewDetector.response_counts
+_REUSABLE_HEADERS: Final = (list, tuple)
+
+
+class _ResponseWatcher(BannerInjector):
+    """The one ``send`` wrapper of a request: banner injection, page-view counting and the status for the log.
+
+    Page view: when the response start says 200 ``text/html``, the <title> is read from the body as it streams
+    (usually all in the first chunk) and the event is handed to the dispatcher as soon as the title is known or
+    the body ends, before that message goes on. ``set_cookie`` (a new analytics id) is added to such a response.
+    """
+
+    __slots__ = ("_count_in_begin", "_counting", "_event", "_set_cookie", "_sniffer", "_submit", "status")
+
+    _observes = True
+
+    def __init__(
+        self,
+        send: Send,
+        snippet: bytes,
+        vary: tuple[bytes, ...],
+        event: Event | None,
+        set_cookie: bytes | None,
+        submit: Callable[[Event], None] | None,
+    ) -> None:
+        # BannerInjector.__init__'s assignments, inlined: the super() call would cost as much as all of them, and
+        # this runs once per page view.
+        self._send = send
+        self._snippet = snippet
+        self._vary = vary
+        self._state = _WAITING_FOR_START
+        self._start = self._original_start = None
+        self._held = b""
+        self._anchored = False
+        self._event = event
+        self._set_cookie = set_cookie
+        self._submit = submit
+        self._counting = False  # a counted response whose title is not known yet
+        self._count_in_begin = False  # _observe left the page-view check of this start message to _begin
+        self._sniffer: TitleSniffer | None = None  # only when the title is not wholly in the first chunk
+        self.status = 0
+
+    def _observe(self, message: Message) -> Message:
+        kind = message["type"]
+        if kind == "http.response.start":
+            status = self.status = message["status"]
+            if self._event is not None:
+                if (
+                    self._state == _WAITING_FOR_START
+                    and self._set_cookie is None
+                    and isinstance(message.get("headers"), _REUSABLE_HEADERS)
+                ):
+                    # The usual case: decided in _begin, from what the injector makes of the same headers. Not
+                    # when the message must change (a new id cookie), nor for a later start message, nor for
+                    # headers that are not a list or tuple (an iterator can be walked once only): those go the
+                    # general way below, exactly as before the injector sees the message.
+                    self._count_in_begin = True
+                elif _response_counts(status, message.get("headers", ())):
+                    self._counting = True
+                    self._sniffer = None
+                    if self._set_cookie is not None:
                         message = dict(message)
-                        message["headers"] = [*message.get("headers", ()), (b"set-cookie", set_cookie)]
-            elif kind == "http.response.body" and sniffer is not None:
-                more = message.get("more_body", False)
+                        message["headers"] = [*message.get("headers", ()), (b"set-cookie", self._set_cookie)]
+        elif kind == "http.response.body" and self._counting:
+            body = message.get("body", b"")
+            sniffer = self._sniffer
+            # Usually the whole <title> is in the first chunk: no TitleSniffer needed at all.
+            title = quick_title(body) if sniffer is None and body else None
+            if title is None:
+                if sniffer is None:
+                    sniffer = self._sniffer = TitleSniffer()
                 if not sniffer.done:
-                    sniffer.feed(message.get("body", b""))
-                if sniffer.done or not more:
-                    event.title = sniffer.title
-                    sniffer = None
-                    submit(event)
-            await send(message)
+                    sniffer.feed(body)
+                if sniffer.done or not message.get("more_body", False):
+                    title = sniffer.title
+            if title is not None:
+                event = self._event
+                assert event is not None and self._submit is not None
+                event.title = title
+                self._counting = False
+                self._sniffer = None
+                self._submit(event)
+        return message
 
-        return pageview_send
+    def _begin(self, message: Message) -> Message | None:
+        start = _rewrite_start(message, len(self._snippet), self._vary)
+        if self._count_in_begin:
+            self._count_in_begin = False
+            # A start the injector accepted has exactly one Content-Type and it is text/html: then it is a page
+            # view exactly when the status is 200, and the header list need not be walked again.
+            if start is not None:
+                counts = self.status == 200
+            else:
+                counts = _response_counts(self.status, message.get("headers", ()))
+            if counts:
+                self._counting = True
+                self._sniffer = None
+        return start
+
+
+# PrivacyContext is a frozen dataclass: its generated __init__ sets each field through object.__setattr__ and costs
+# about twice as much as setting the slots directly, on every request. Build it the cheap way while it is a plain
+# slotted dataclass with exactly the fields listed here (same object, same values: the result compares equal); if
+# context.py ever changes that (other fields, a __post_init__), the real constructor is used instead.
+_CONTEXT_FIELDS: Final = ("ip", "country", "granted", "choice_made", "gpc", "consent_id", "client_id")
+ContextFactory = Callable[[str, str, frozenset[str], bool, bool, str, str], PrivacyContext]
+
+
+def _context_factory() -> ContextFactory:
+    plain = (
+        tuple(f.name for f in dataclasses.fields(PrivacyContext)) == _CONTEXT_FIELDS
+        and "__post_init__" not in PrivacyContext.__dict__
+        and all(isinstance(PrivacyContext.__dict__.get(name), types.MemberDescriptorType) for name in _CONTEXT_FIELDS)
+    )
+    if not plain:  # pragma: no cover - only if gateway.context changes
+        return PrivacyContext
+    new = object.__new__
+    set_ip, set_country, set_granted, set_choice_made, set_gpc, set_consent_id, set_client_id = (
+        PrivacyContext.__dict__[name].__set__ for name in _CONTEXT_FIELDS
+    )
+
+    def new_context(
+        ip: str, country: str, granted: frozenset[str], choice_made: bool, gpc: bool, consent_id: str, client_id: str
+    ) -> PrivacyContext:
+        context = new(PrivacyContext)
+        set_ip(context, ip)
+        set_country(context, country)
+        set_granted(context, granted)
+        set_choice_made(context, choice_made)
+        set_gpc(context, gpc)
+        set_consent_id(context, consent_id)
+        set_client_id(context, client_id)
+        return context
+
+    return new_context
+
+
+_new_context = _context_factory()

@@ -2,9 +2,10 @@
 
 A page view is counted without any JavaScript when a ``GET`` is answered ``200`` with ``text/html``, the user agent
 is not a bot, the request is not a speculative prefetch, and the path is neither excluded in
-``[analytics]`` nor one of the gateway's own endpoints. The middleware asks :meth:`PageviewDetector.request_may_count`
-on every request (cheap, before the app runs) and :meth:`PageviewDetector.response_counts` on the response start,
-then feeds the body to a :class:`TitleSniffer` while it streams through.
+``[analytics]`` nor one of the gateway's own endpoints. The middleware asks :meth:`PageviewDetector.request_counts`
+on every request (cheap, before the app runs; :meth:`~PageviewDetector.request_may_count` is the same question asked
+of a whole scope) and :meth:`PageviewDetector.response_counts` on the response start, then takes the title from the
+first body chunk with :func:`quick_title`, or feeds the body to a :class:`TitleSniffer` while it streams through.
 
 Bots are recognised with the maintained ``crawlerdetect`` patterns. Its stock matcher is quadratic in the length of
 runs of word characters (one pattern starts with ``[a-z0-9\\-_]*``: 512 ``x`` take ~26 ms, 8,000 take 5 s), which a
@@ -20,6 +21,7 @@ import functools
 import html
 import ipaddress
 import re
+import string
 from collections.abc import Iterable
 from urllib.parse import quote, urlsplit
 
@@ -29,13 +31,18 @@ from gateway.config import Settings
 
 __all__ = [
     "MAX_USER_AGENT_CHARS",
+    "PREFETCH_HEADERS",
     "TITLE_MAX_CHARS",
     "TITLE_SCAN_BYTES",
     "PageviewDetector",
     "TitleSniffer",
     "is_bot",
+    "is_prefetch",
     "page_url",
+    "page_url_for_host",
     "primary_language",
+    "primary_language_of",
+    "quick_title",
     "request_host",
     "request_hostname",
 ]
@@ -54,10 +61,12 @@ _TITLE_RAW_BYTES = 4096
 # "prefetch;anonymous-client-ip", https://wicg.github.io/nav-speculation/prefetch.html#sec-purpose-header), older
 # Chrome "Purpose: prefetch", Firefox "X-Moz: prefetch" (https://developer.mozilla.org/docs/Glossary/Prefetch) and
 # Safari "X-Purpose: preview" for Top Sites thumbnails.
-_PREFETCH_HEADERS = frozenset((b"sec-purpose", b"purpose", b"x-moz", b"x-purpose"))
+PREFETCH_HEADERS = frozenset((b"sec-purpose", b"purpose", b"x-moz", b"x-purpose"))
 _PREFETCH_VALUES = (b"prefetch", b"preview")
 
 _HTML_TYPE = b"text/html"
+# What frameworks send for pages (Starlette, Django, Flask, nginx), recognised without parsing.
+_COMMON_HTML_TYPES = frozenset((b"text/html", b"text/html; charset=utf-8", b"text/html; charset=UTF-8"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -115,7 +124,8 @@ def is_bot(user_agent: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _is_prefetch(value: bytes) -> bool:
+def is_prefetch(value: bytes) -> bool:
+    """Does the value of one of :data:`PREFETCH_HEADERS` mark the request as a speculative load?"""
     return value[:8].lower().startswith(_PREFETCH_VALUES)
 
 
@@ -134,23 +144,36 @@ class PageviewDetector:
         self._excluded_extensions = frozenset(ext.lower() for ext in analytics.exclude_extensions)
 
     def request_may_count(self, scope: Scope) -> bool:
-        """Could this request become a page view? Called on every HTTP request, so cheapest checks first."""
+        """Could this request become a page view? Cheap: no parsing beyond one look at each header name.
+
+        The middleware, which has read the headers already, asks :meth:`request_counts` instead.
+        """
         if scope.get("method") != "GET" or not self._enabled:
-            return False
-        path: str = scope.get("path", "")
-        if path in self._excluded_exact or path.startswith(self._excluded_prefixes):
-            return False
-        dot = path.rfind(".")
-        if dot > path.rfind("/") and path[dot:].lower() in self._excluded_extensions:
             return False
         user_agent = b""
         headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
         for name, value in headers:
             if name == b"user-agent":
                 user_agent = value
-            elif name in _PREFETCH_HEADERS and _is_prefetch(value):
+            elif name in PREFETCH_HEADERS and is_prefetch(value):
                 return False
-        return not is_bot(user_agent.decode("latin-1"))
+        return self.request_counts("GET", scope.get("path", ""), user_agent.decode("latin-1"), prefetch=False)
+
+    def request_counts(self, method: str, path: str, user_agent: str, *, prefetch: bool) -> bool:
+        """:meth:`request_may_count` for a request whose headers the caller has already read.
+
+        ``user_agent`` is the (last) User-Agent value decoded as latin-1, "" when absent; ``prefetch`` is whether
+        any of :data:`PREFETCH_HEADERS` said :func:`is_prefetch`. The middleware reads every header it needs in one
+        pass and asks this, so the header list is not walked again.
+        """
+        if method != "GET" or not self._enabled or prefetch:
+            return False
+        if path in self._excluded_exact or path.startswith(self._excluded_prefixes):
+            return False
+        dot = path.rfind(".")
+        if dot > path.rfind("/") and path[dot:].lower() in self._excluded_extensions:
+            return False
+        return not is_bot(user_agent)
 
     @staticmethod
     def response_counts(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -158,7 +181,10 @@ class PageviewDetector:
         if status != 200:
             return False
         for name, value in headers:
-            if name.lower() == b"content-type":
+            # ASGI names are lower case: compare directly, lower only a name that is not (no copy per header).
+            if name == b"content-type" or (not name.islower() and name.lower() == b"content-type"):
+                if type(value) is bytes and value in _COMMON_HTML_TYPES:
+                    return True
                 return value.split(b";", 1)[0].strip().lower() == _HTML_TYPE
         return False
 
@@ -173,6 +199,13 @@ class PageviewDetector:
 _HEAD_TAGS = re.compile(rb"<(?:(title)|body|/head)[\t\n\f\r />]", re.IGNORECASE)
 _HEAD_TAGS_CARRY = len(b"</head>") - 1
 _TITLE_END = re.compile(rb"</title[\t\n\f\r />]", re.IGNORECASE)
+# _HEAD_TAGS, with a bare <title>'s text (group 1) and, when that text holds no "<", its end tag (group 2) in the
+# same search: one regex call for the usual page. [^<] cannot run past an end tag, so group 2 is the first one.
+_HEAD_TAGS_WITH_TITLE = re.compile(
+    rb"<(?:title>([^<]{0,%d})(</title[\t\n\f\r />])?|title[\t\n\f\r /]|body[\t\n\f\r />]|/head[\t\n\f\r />])"
+    % _TITLE_RAW_BYTES,
+    re.IGNORECASE,
+)
 _TITLE_END_CARRY = len(b"</title>") - 1
 _TAG_END_OR_QUOTE = re.compile(rb"[>\"']")
 # C0 and C1 control characters (and DEL) never belong in a title; they could also corrupt logs.
@@ -182,6 +215,8 @@ _SEEK, _IN_TAG, _IN_TITLE, _DONE = range(4)
 
 
 def _ascii_compatible(encoding: str) -> str:
+    if encoding == "utf-8":
+        return encoding  # the default, on every page view: skip the codec registry
     try:
         name = codecs.lookup(encoding).name
     except LookupError:
@@ -249,16 +284,11 @@ class TitleSniffer:
         Same rules as the streaming path (title before ``<body``/``</head``, within the scan budget, raw title
         within its cap), without copying the chunk; anything else returns False and the streaming path runs.
         """
-        limit = min(len(chunk), TITLE_SCAN_BYTES)
-        tag = _HEAD_TAGS.search(chunk, 0, limit)
-        if tag is None or tag.group(1) is None or chunk[tag.end() - 1] != 0x3E:  # not a bare "<title>"
+        raw = _title_bytes_in_chunk(chunk)
+        if raw is None:
             return False
-        start = tag.end()
-        end = _TITLE_END.search(chunk, start, min(limit, start + _TITLE_RAW_BYTES + _TITLE_END_CARRY + 1))
-        if end is None or end.start() - start > _TITLE_RAW_BYTES:
-            return False
-        self._seen = limit
-        self._title = self._clean(chunk[start : end.start()], partial=False)
+        self._seen = min(len(chunk), TITLE_SCAN_BYTES)
+        self._title = _clean_title(raw, self._encoding, partial=False)
         self._state = _DONE
         return True
 
@@ -306,17 +336,7 @@ class TitleSniffer:
             self._scanned = len(raw)
 
     def _clean(self, raw: bytes, *, partial: bool) -> str:
-        if partial:
-            # A cut-off title must not end in half a multi-byte character: the incremental decoder holds it back.
-            text = codecs.getincrementaldecoder(self._encoding)(errors="replace").decode(raw, final=False)
-        else:
-            text = raw.decode(self._encoding, "replace")
-        # Runs once per page view on the request path: skip the costly steps when they cannot change anything.
-        if "&" in text:
-            text = html.unescape(text)
-        if not text.isprintable():
-            text = text.translate(_CONTROL_CHARS)
-        return " ".join(text.split())[:TITLE_MAX_CHARS].rstrip()
+        return _clean_title(raw, self._encoding, partial=partial)
 
     def _finish(self, *, partial: bool) -> None:
         if self._state == _IN_TITLE and self._raw:
@@ -324,6 +344,67 @@ class TitleSniffer:
         self._state = _DONE
         self._raw = bytearray()
         self._carry = b""
+
+
+def _title_bytes_in_chunk(chunk: bytes) -> bytes | None:
+    """The raw bytes of a plain ``<title>…</title>`` wholly inside ``chunk`` (the first body chunk), else None."""
+    limit = min(len(chunk), TITLE_SCAN_BYTES)
+    tag = _HEAD_TAGS_WITH_TITLE.search(chunk, 0, limit)
+    if tag is None:
+        return None
+    raw = tag.group(1)
+    if raw is None:  # <body, </head or a <title with attributes came first
+        return None
+    if tag.group(2) is not None:  # the common case: no "<" in the title, so this is the first </title
+        return raw
+    start = tag.start(1)
+    end = _TITLE_END.search(chunk, start, min(limit, start + _TITLE_RAW_BYTES + _TITLE_END_CARRY + 1))
+    if end is None or end.start() - start > _TITLE_RAW_BYTES:
+        return None
+    return chunk[start : end.start()]
+
+
+def _clean_title(raw: bytes, encoding: str, *, partial: bool) -> str:
+    if partial:
+        # A cut-off title must not end in half a multi-byte character: the incremental decoder holds it back.
+        text = codecs.getincrementaldecoder(encoding)(errors="replace").decode(raw, final=False)
+    else:
+        text = raw.decode(encoding, "replace")
+    # Runs once per page view on the request path: skip the costly steps when they cannot change anything.
+    if "&" in text:
+        text = html.unescape(text)
+    if not text.isprintable():
+        text = text.translate(_CONTROL_CHARS)
+    return " ".join(text.split())[:TITLE_MAX_CHARS].rstrip()
+
+
+def quick_title(first_chunk: bytes) -> str | None:
+    """The page title when the first body chunk holds a plain ``<title>…</title>`` (UTF-8), else None.
+
+    Exactly what a fresh ``TitleSniffer()`` fed ``first_chunk`` reports in that case, without building one: the
+    middleware tries this on the first chunk of every page view and falls back to a :class:`TitleSniffer` only when
+    it returns None.
+    """
+    raw = _title_bytes_in_chunk(first_chunk)
+    if raw is None:
+        return None
+    if type(raw) is not bytes:  # a bytearray or memoryview body: not hashable, not worth caching
+        return _clean_title(raw, "utf-8", partial=False)
+    title = _title_cache.get(raw)
+    if title is None:
+        title = _clean_title(raw, "utf-8", partial=False)
+        if len(_title_cache) >= _TITLE_CACHE_SIZE:
+            # Insertion order makes this FIFO eviction; pages reuse their titles, unique ones just pass through.
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread meanwhile
+                del _title_cache[next(iter(_title_cache))]
+        _title_cache[raw] = title
+    return title
+
+
+# Raw title bytes -> cleaned title, for quick_title: a site has far fewer titles than page views. Bounded in entries
+# and (through _TITLE_RAW_BYTES) in key size: at most ~4 MiB even when every title is unique and long.
+_TITLE_CACHE_SIZE = 1024
+_title_cache: dict[bytes, str] = {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,15 +441,39 @@ def primary_language(accept_language: str) -> str:
     return best
 
 
+_LANGUAGE_CACHE_SIZE = 512
+_CACHED_LANGUAGE_HEADER_BYTES = 256  # real browsers send well under 100 bytes; longer values are not kept
+_languages_by_header: dict[bytes, str] = {}
+
+
+def primary_language_of(accept_language: bytes) -> str:
+    """:func:`primary_language` of a raw Accept-Language value (latin-1 bytes, as in the ASGI headers).
+
+    Cached by the bytes themselves (bounded), so a repeat visitor's header costs one lookup and no decoding.
+    """
+    cacheable = type(accept_language) is bytes and len(accept_language) <= _CACHED_LANGUAGE_HEADER_BYTES
+    language = _languages_by_header.get(accept_language) if cacheable else None
+    if language is None:
+        language = primary_language(accept_language.decode("latin-1"))
+        if cacheable:
+            if len(_languages_by_header) >= _LANGUAGE_CACHE_SIZE:
+                with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread
+                    del _languages_by_header[next(iter(_languages_by_header))]
+            _languages_by_header[accept_language] = language
+    return language
+
+
 # RFC 3986 host: reg-name (kept to what DNS and browsers send) or an IP-literal, then an optional port.
 _HOST = re.compile(rb"(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])(?::([0-9]{1,5}))?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Characters that stay as they are in a path or query (RFC 3986 pchar plus "/", "?", and "%" of existing escapes).
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 _QUERY_SAFE = _PATH_SAFE + "?"
-# What quote(..., safe=_PATH_SAFE/_QUERY_SAFE) returns unchanged: unreserved characters plus the safe sets.
-_PATH_UNCHANGED = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~]*")
-_QUERY_UNCHANGED = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=\-._~?]*")
+# What quote(..., safe=_PATH_SAFE/_QUERY_SAFE) returns unchanged: unreserved characters plus the safe sets. A value
+# is unchanged when deleting these bytes leaves nothing (bytes.translate: one C pass, cheaper than a regex match).
+_UNRESERVED = (string.ascii_letters + string.digits + "-._~").encode("ascii")
+_PATH_UNCHANGED = _UNRESERVED + _PATH_SAFE.encode("ascii")
+_QUERY_UNCHANGED = _UNRESERVED + _QUERY_SAFE.encode("ascii")
 
 
 def _scheme(scope: Scope) -> str:
@@ -381,10 +486,19 @@ def request_host(scope: Scope) -> str:
     headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
     for name, value in headers:
         if name == b"host":
-            match = _HOST.fullmatch(value)
-            if match and (match.group(1) is None or int(match.group(1)) <= 65535):
-                return value.decode("ascii").lower()
-            break
+            return _request_host(scope, value)
+    return _request_host(scope, None)
+
+
+def _valid_host(host_header: bytes) -> bool:
+    match = _HOST.fullmatch(host_header)
+    return match is not None and (match.group(1) is None or int(match.group(1)) <= 65535)
+
+
+def _request_host(scope: Scope, host_header: bytes | None) -> str:
+    """:func:`request_host` given the value of the first Host header (None when there is none)."""
+    if host_header is not None and _valid_host(host_header):
+        return host_header.decode("ascii").lower()
     # Garbage or no Host (HTTP/1.0): fall back to the address the server listens on.
     server = scope.get("server")
     if not server or not isinstance(server[0], str):
@@ -411,23 +525,66 @@ def request_hostname(scope: Scope) -> str:
         return ""
 
 
-def page_url(scope: Scope) -> str:
-    """Absolute URL of the request: scheme, validated Host, raw path and query, as the browser addressed it."""
-    scheme = _scheme(scope)
-    host = request_host(scope)
+# "scheme://host" for valid Host headers already seen, per scheme. The Host header is client-controlled, so the
+# cache is bounded (oldest entry evicted first); a real site sees a handful of host names.
+_URL_PREFIX_CACHE_SIZE = 256
+_url_prefixes: dict[str, dict[bytes, str]] = {"http": {}, "https": {}}
+
+
+def _url_prefix(scope: Scope, scheme: str, host_header: bytes | None) -> str:
+    cache = _url_prefixes[scheme]
+    key = host_header if type(host_header) is bytes else None  # a bytearray is not hashable
+    if key is not None:
+        prefix = cache.get(key)
+        if prefix is not None:
+            return prefix
+    host = _request_host(scope, host_header)
     default = f":{_DEFAULT_PORTS[scheme]}"
     if host.endswith(default):
         host = host[: -len(default)]
+    prefix = f"{scheme}://{host}"
+    if key is not None and _valid_host(key):
+        # Only a valid Host header decides the prefix alone; the fallback also depends on scope["server"].
+        if len(cache) >= _URL_PREFIX_CACHE_SIZE:
+            with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread meanwhile
+                del cache[next(iter(cache))]
+        cache[key] = prefix
+    return prefix
+
+
+def page_url(scope: Scope) -> str:
+    """Absolute URL of the request: scheme, validated Host, raw path and query, as the browser addressed it."""
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
+    for name, value in headers:
+        if name == b"host":
+            return page_url_for_host(scope, value)
+    return page_url_for_host(scope, None)
+
+
+def page_url_for_host(scope: Scope, host_header: bytes | None) -> str:
+    """:func:`page_url` given the value of the request's first Host header (None when it has none).
+
+    For callers that have read the headers already (the middleware reads all it needs in one pass).
+    """
+    scheme = scope.get("scheme")
+    if scheme != "https" and scheme != "http":
+        scheme = "http"
+    # The cached "scheme://host" of a Host header seen before, else work it out (and maybe cache it).
+    prefix = _url_prefixes[scheme].get(host_header) if type(host_header) is bytes else None
+    if prefix is None:
+        prefix = _url_prefix(scope, scheme, host_header)
     raw_path = scope.get("raw_path")
     if isinstance(raw_path, bytes) and raw_path.startswith(b"/"):
         # Fast path (every page view): already-encoded ASCII that quote() would return unchanged.
-        path = raw_path.decode("ascii") if _PATH_UNCHANGED.fullmatch(raw_path) else quote(raw_path, safe=_PATH_SAFE)
+        unchanged = not raw_path.translate(None, _PATH_UNCHANGED)
+        path = raw_path.decode("ascii") if unchanged else quote(raw_path, safe=_PATH_SAFE)
     else:
         path = quote(str(scope.get("path") or "/"), safe=_PATH_SAFE)
         if not path.startswith("/"):
             path = "/" + path
     query = scope.get("query_string") or b""
     if query:
-        query_text = query.decode("ascii") if _QUERY_UNCHANGED.fullmatch(query) else quote(query, safe=_QUERY_SAFE)
-        return f"{scheme}://{host}{path}?{query_text}"
-    return f"{scheme}://{host}{path}"
+        unchanged = not query.translate(None, _QUERY_UNCHANGED)
+        query_text = query.decode("ascii") if unchanged else quote(query, safe=_QUERY_SAFE)
+        return f"{prefix}{path}?{query_text}"
+    return prefix + path

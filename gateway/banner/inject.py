@@ -36,7 +36,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.banner.texts import BannerTexts, LanguageChooser, resolve_texts
 from gateway.config import Settings
 
-__all__ = ["ASSET_NAMES", "HOLD_LIMIT", "Banner", "next_path", "wrap_send"]
+__all__ = ["ASSET_NAMES", "HOLD_LIMIT", "Banner", "BannerInjector", "next_path", "wrap_send"]
 
 ASSET_NAMES: Final = ("banner.css", "banner.js")
 ASSET_CACHE_CONTROL: Final = b"public, max-age=86400"
@@ -48,6 +48,7 @@ _CONTENT_TYPES: Final = {"banner.css": b"text/css; charset=utf-8", "banner.js": 
 HOLD_LIMIT: Final = 1024
 # The end tag may carry whitespace or a stray "/" before ">" (HTML tokenizer, "end tag open state").
 _BODY_END: Final = re.compile(rb"</body(?=[\t\n\f\r />])", re.IGNORECASE)
+_TAG_NAME_END: Final = frozenset(b"\t\n\f\r />")  # the same characters, as byte values
 # Enough trailing bytes to finish a "</body" that a chunk boundary split, plus the byte that follows it.
 _TAIL: Final = len(b"</body")
 _MAX_PATH: Final = 2048
@@ -66,6 +67,19 @@ _NO_INJECT_STATUS: Final = frozenset({204, 205, 206})
 _DROPPED_HEADERS: Final = frozenset(
     {b"etag", b"last-modified", b"accept-ranges", b"content-md5", b"digest", b"content-digest", b"repr-digest"}
 )
+
+
+# How _rewrite_start treats each response header (by lower-case name); any other header is kept as it is.
+_CONTENT_TYPE, _CONTENT_LENGTH, _CONTENT_ENCODING, _CONTENT_RANGE, _CACHE_CONTROL, _VARY, _DROPPED = range(7)
+_START_HEADER_KINDS: Final[dict[bytes, int]] = {
+    b"content-type": _CONTENT_TYPE,
+    b"content-length": _CONTENT_LENGTH,
+    b"content-encoding": _CONTENT_ENCODING,
+    b"content-range": _CONTENT_RANGE,
+    b"cache-control": _CACHE_CONTROL,
+    b"vary": _VARY,
+    **dict.fromkeys(_DROPPED_HEADERS, _DROPPED),
+}
 
 
 def _plain_path(path: str) -> str:
@@ -217,7 +231,10 @@ class Banner:
         An unknown language falls back to the default.
         """
         parts = self._parts.get(language) or self._parts[self.default_language]
-        query_path, attribute_path = _encoded_path(path)
+        # _encoded_path, inlined: this runs on every HTML response.
+        query_path, attribute_path = (
+            _encode_short_path(path) if len(path) <= _CACHED_PATH_LENGTH else _encode_path(path)
+        )
         if not show_banner:
             return b"".join((parts.assets, parts.footer_before, query_path, parts.footer_after))
         return b"".join(
@@ -383,18 +400,28 @@ def wrap_send(send: Send, snippet: bytes, *, vary: tuple[bytes, ...] = (b"cookie
     Nothing in here raises: a response it does not understand is passed on unchanged. Errors raised by the
     wrapped ``send`` itself (a client that went away) propagate as usual.
     """
-    return _Injector(send, snippet, vary)
+    return BannerInjector(send, snippet, vary)
 
 
-# States of _Injector.
+# States of BannerInjector.
 _WAITING_FOR_START: Final = 0
 _HOLDING_START: Final = 1  # an injectable start, sent only once the first body message shows how the body comes
 _STREAMING: Final = 2
 _PASSING: Final = 3
 
 
-class _Injector:
+class BannerInjector:
+    """The ``send`` that :func:`wrap_send` returns.
+
+    The middleware subclasses it to watch the same messages for a page view in the same call (one await layer per
+    message instead of one per concern): set :attr:`_observes` and override :meth:`_observe`, which sees every
+    message the app sends before the injector does and may return a replacement, and :meth:`_begin`, which decides
+    about the first message.
+    """
+
     __slots__ = ("_anchored", "_held", "_original_start", "_send", "_snippet", "_start", "_state", "_vary")
+
+    _observes = False  # class-level switch: skip the _observe call entirely in the plain injector
 
     def __init__(self, send: Send, snippet: bytes, vary: tuple[bytes, ...]) -> None:
         self._send = send
@@ -406,42 +433,51 @@ class _Injector:
         self._held = b""  # bytes not yet sent: a short tail, or everything from the latest "</body"
         self._anchored = False  # self._held starts with a "</body" the snippet will go before
 
+    def _observe(self, message: Message) -> Message:
+        return message
+
+    def _begin(self, message: Message) -> Message | None:
+        """For the first message: the start to hold back (rewritten for injection), or None to pass all through."""
+        return _rewrite_start(message, len(self._snippet), self._vary)
+
     async def __call__(self, message: Message) -> None:
-        if self._state == _PASSING:
+        if self._observes:
+            message = self._observe(message)
+        state = self._state
+        if state == _PASSING:
             await self._send(message)
             return
-        if self._state == _WAITING_FOR_START:
-            start = _rewrite_start(message, len(self._snippet), self._vary)
+        if state == _WAITING_FOR_START:
+            start = self._begin(message)
             if start is None:
                 self._state = _PASSING
-            else:
-                self._state = _HOLDING_START
-                self._start, self._original_start = start, message
+                await self._send(message)
                 return
-            await self._send(message)
+            self._state = _HOLDING_START
+            self._start, self._original_start = start, message
             return
-        if self._state == _HOLDING_START:
-            assert self._start is not None and self._original_start is not None
-            if message.get("type") != "http.response.body":
+        is_body = message.get("type") == "http.response.body"
+        if state == _HOLDING_START:
+            if not is_body:
                 # http.response.pathsend / zerocopysend: the server sends a file itself, which we cannot edit
                 # and whose length the original headers describe.
                 self._state = _PASSING
+                assert self._original_start is not None
                 await self._send(self._original_start)
                 await self._send(message)
                 return
             self._state = _STREAMING
             start, self._start, self._original_start = self._start, None, None
+            assert start is not None
             await self._send(start)
-        await self._stream(message)
-
-    async def _stream(self, message: Message) -> None:
-        if message.get("type") != "http.response.body":
+        # Streaming the body (inline rather than a helper coroutine: one await layer less per message).
+        if not is_body:
             await self._send(message)  # e.g. http.response.trailers after the body
             return
         try:
             chunk = message.get("body", b"")
-            if not isinstance(chunk, bytes):
-                if not isinstance(chunk, bytearray | memoryview):
+            if type(chunk) is not bytes:
+                if not isinstance(chunk, bytes | bytearray | memoryview):
                     raise TypeError("body is not bytes")  # bytes(42) would be 42 NUL bytes
                 chunk = bytes(chunk)
             more = bool(message.get("more_body", False))
@@ -461,29 +497,69 @@ class _Injector:
 
     def _feed(self, chunk: bytes, more: bool) -> bytes:
         data = self._held + chunk if self._held else chunk
-        last = -1
-        # Only a "</body" starting within the last HOLD_LIMIT bytes can become the anchor (an earlier one is
-        # outside the hold window whatever follows), so scanning that window alone keeps this O(1) per chunk.
-        for match in _BODY_END.finditer(data, max(0, len(data) - HOLD_LIMIT)):
-            last = match.start()
-        if last >= 0 and len(data) - last <= HOLD_LIMIT:
-            out, self._held, self._anchored = data[:last], data[last:], True
-        else:
-            cut = max(0, len(data) - _TAIL)
-            out, self._held, self._anchored = data[:cut], data[cut:], False
+        size = len(data)
+        last = _last_body_end(data, size - HOLD_LIMIT if size > HOLD_LIMIT else 0)
         if more:
+            if last >= 0 and size - last <= HOLD_LIMIT:
+                out, self._held, self._anchored = data[:last], data[last:], True
+            else:
+                cut = size - _TAIL if size > _TAIL else 0
+                out, self._held, self._anchored = data[:cut], data[cut:], False
             return out
-        held, self._held = self._held, b""
-        if self._anchored:
-            return b"".join((out, self._snippet, held))
-        return b"".join((out, held, self._snippet))
+        # The last chunk: nothing more to hold, so splice the snippet in with a single copy.
+        self._held, self._anchored = b"", False
+        if last >= 0 and size - last <= HOLD_LIMIT:
+            return b"".join((data[:last], self._snippet, data[last:]))
+        return data + self._snippet
+
+
+def _last_body_end(data: bytes, start: int) -> int:
+    """Where the last ``</body`` end tag at or after ``start`` begins, or -1.
+
+    Only a "</body" starting within the last HOLD_LIMIT bytes can become the anchor (an earlier one is outside the
+    hold window whatever follows), so the caller passes that window and this stays O(1) per chunk. Pages end in a
+    lower-case ``</body>`` a few bytes from the end: found with one backward byte search, and confirmed to be the
+    last one (no other spelling after it) by a regex over the short tail; anything else is one pass of the regex.
+    """
+    candidate = data.rfind(b"</body", start)
+    if (
+        candidate >= 0
+        and candidate + _TAIL < len(data)
+        and data[candidate + _TAIL] in _TAG_NAME_END
+        and _BODY_END.search(data, candidate + 1) is None
+    ):
+        return candidate
+    last = -1
+    for match in _BODY_END.finditer(data, start):
+        last = match.start()
+    return last
+
+
+def _header_kind(name: bytes) -> int | None:
+    """The _START_HEADER_KINDS entry for a header name that is not plain bytes.
+
+    A name whose lower-case form is not hashable (a bytearray) raises TypeError, so the response is passed through
+    unchanged, as it always has been; other names (str: not ASGI either) are compared and never match.
+    """
+    lname = name.lower()
+    hash(lname)
+    for known, kind in _START_HEADER_KINDS.items():
+        if lname == known:
+            return kind
+    return None
 
 
 def _is_html(content_type: bytes) -> bool:
+    if type(content_type) is bytes and content_type in _COMMON_HTML_TYPES:
+        return True
     return content_type.split(b";", 1)[0].strip().lower() == b"text/html"
 
 
-def _merge_vary(values: list[bytes], wanted: Iterable[bytes]) -> bytes | None:
+# What frameworks send for pages (Starlette, Django, Flask, nginx), recognised without parsing.
+_COMMON_HTML_TYPES: Final = frozenset((b"text/html", b"text/html; charset=utf-8", b"text/html; charset=UTF-8"))
+
+
+def _merge_vary(values: Iterable[bytes], wanted: Iterable[bytes]) -> bytes | None:
     """One Vary value holding the existing tokens plus the wanted ones; None when nothing needs to change."""
     tokens = [t.strip() for value in values for t in value.split(b",") if t.strip()]
     present = {t.lower() for t in tokens}
@@ -496,61 +572,74 @@ def _merge_vary(values: list[bytes], wanted: Iterable[bytes]) -> bytes | None:
 
 
 def _rewrite_start(message: Message, added: int, vary: tuple[bytes, ...]) -> Message | None:
-    """The start message with fixed-up headers when the response is to be injected, else None."""
+    """The start message with fixed-up headers when the response is to be injected, else None.
+
+    Anything unexpected (odd types, malformed headers) leaves the response alone: every exception means None.
+    """
     try:
-        return _rewrite_start_unsafe(message, added, vary)
-    except Exception:
-        return None  # anything unexpected (odd types, malformed headers): leave the response alone
-
-
-def _rewrite_start_unsafe(message: Message, added: int, vary: tuple[bytes, ...]) -> Message | None:
-    if message.get("type") != "http.response.start" or not added:
-        return None
-    status = message.get("status")
-    if not isinstance(status, int) or not (200 <= status < 300 or 400 <= status < 600) or status in _NO_INJECT_STATUS:
-        return None
-    headers = list(message.get("headers", ()))  # an iterable per the ASGI spec; we may walk it twice
-    content_type: bytes | None = None
-    content_length: int | None = None
-    vary_values: list[bytes] = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-type":
-            if content_type is not None:
-                return None
-            content_type = value
-        elif lname == b"content-length":
-            text = value.strip()
-            if content_length is not None or not text.isdigit():
-                return None  # duplicate or garbage: the server will complain about it, not us
-            content_length = int(text)
-        elif lname == b"content-encoding":
-            if value.strip().lower() not in (b"", b"identity"):
-                return None
-        elif lname == b"content-range":
+        if message.get("type") != "http.response.start" or not added:
             return None
-        elif lname == b"cache-control":
-            if b"no-transform" in value.lower():
+        status = message.get("status")
+        if (
+            not isinstance(status, int)
+            or not (200 <= status < 300 or 400 <= status < 600)
+            or status in _NO_INJECT_STATUS
+        ):
+            return None
+        # One pass: decide and build the new header list together (an iterable per the ASGI spec, walked once). Any
+        # header that rules injection out returns None at once, before the rest is looked at.
+        kinds = _START_HEADER_KINDS
+        new_headers: list[tuple[bytes, bytes]] = []
+        content_type: bytes | None = None
+        has_length = False
+        vary_values: list[bytes] | None = None
+        for name, value in message.get("headers", ()):
+            if type(name) is bytes:
+                kind = kinds.get(name)
+                if kind is None and not name.islower():  # ASGI names are lower case; accept others all the same
+                    kind = kinds.get(name.lower())
+            else:
+                kind = _header_kind(name)
+            if kind is None:
+                new_headers.append((name, value))
+            elif kind == _CONTENT_TYPE:
+                if content_type is not None or not _is_html(value):
+                    return None
+                content_type = value
+                new_headers.append((name, value))
+            elif kind == _CONTENT_LENGTH:
+                text = value.strip()
+                if has_length or not text.isdigit():
+                    return None  # duplicate or garbage: the server will complain about it, not us
+                has_length = True
+                new_headers.append((name, b"%d" % (int(text) + added)))
+            elif kind == _CONTENT_ENCODING:
+                if value.strip().lower() not in (b"", b"identity"):
+                    return None
+                new_headers.append((name, value))
+            elif kind == _CONTENT_RANGE:
                 return None
-        elif lname == b"vary":
-            vary_values.append(value)
-    if content_type is None or not _is_html(content_type):
-        return None
+            elif kind == _CACHE_CONTROL:
+                if b"no-transform" in value.lower():
+                    return None
+                new_headers.append((name, value))
+            elif kind == _VARY:
+                if vary_values is None:
+                    vary_values = []
+                vary_values.append(value)
+                new_headers.append((name, value))
+            # else _DROPPED: validators and digests describe the upstream's bytes
+        if content_type is None:
+            return None
 
-    # Only now, for the few responses that get the banner, is anything copied.
-    merged_vary = _merge_vary(vary_values, vary)
-    new_headers: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        lname = name.lower()
-        if lname in _DROPPED_HEADERS:
-            continue
-        if lname == b"content-length" and content_length is not None:
-            value = str(content_length + added).encode("ascii")
-        elif lname == b"vary" and merged_vary is not None:
-            continue
-        new_headers.append((name, value))
-    if merged_vary is not None:
-        new_headers.append((b"vary", merged_vary))
-    rewritten: dict[str, Any] = dict(message)
-    rewritten["headers"] = new_headers
-    return rewritten
+        # Without a Vary header _merge_vary would just join the wanted tokens.
+        merged_vary = _merge_vary(vary_values, vary) if vary_values is not None else b", ".join(vary) or None
+        if merged_vary is not None:
+            if vary_values is not None:
+                new_headers = [header for header in new_headers if header[0].lower() != b"vary"]
+            new_headers.append((b"vary", merged_vary))
+        rewritten: dict[str, Any] = dict(message)
+        rewritten["headers"] = new_headers
+        return rewritten
+    except Exception:
+        return None
