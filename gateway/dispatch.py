@@ -119,6 +119,8 @@ SPILL_AGE_TICKS: Final = 3
 # Events waiting for the keeper to write them to the spool, per destination, beyond the queue itself: enough for
 # several flush intervals at a peak arrival rate, so a slow commit does not drop events while the spool has room.
 OVERFLOW_MIN: Final = 1000
+# Overflow events that wake the keeper for a spool write before its next tick.
+SPOOL_WAKE_BATCH: Final = 64
 BUILD_CHUNK: Final = 256  # builds between yields to the loop when spooling a long queue
 PURGE_EVERY_SECONDS: Final = 1.0
 LOG_REPEAT_SECONDS: Final = 60.0
@@ -467,8 +469,10 @@ class Dispatcher:
                         lane.wake()
                 elif self._spool_available and len(lane.overflow) < lane.overflow_size:
                     lane.overflow.append(event)
-                    if len(lane.overflow) * 2 >= lane.overflow_size:
-                        lane.keeper_wake.set()  # spool it now rather than at the next tick
+                    if len(lane.overflow) >= SPOOL_WAKE_BATCH:
+                        # Spool it now rather than at the next tick: memory then stays bounded by a batch, not by
+                        # (request rate x tick), however fast pages arrive while a destination is down.
+                        lane.keeper_wake.set()
                 else:
                     lane.dropped_overflow += 1
                     self._log(logging.WARNING, "dropped an event for %s: %s", lane.name, "queue full")

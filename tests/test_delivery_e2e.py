@@ -302,7 +302,10 @@ async def test_hung_destination_holds_up_no_page_and_no_memory(tmp_path: Path, t
         f"1,000 events+payloads: {cost} B; peak growth hung {run.peak_growth} B, healthy {baseline.peak_growth} B; "
         f"retained hung {run.retained} B, healthy {baseline.retained} B"
     )
-    assert extra_peak < cost / 4, report
+    # Peak: by design (dispatch.py "Memory bound") QUEUE_SIZE queued events, at most one spool batch of overflow
+    # (SPOOL_WAKE_BATCH, plus what arrives during one write) and the leased buffer: ~30% of `cost` here. The bound
+    # is half of `cost`: a gateway that kept the hung events in memory would add all of it.
+    assert extra_peak < cost / 2, report
     assert extra_retained < cost / 10, report
 
     # Shutdown: the requests cut off on the wire are counted as ambiguous (the destination may have them); every
