@@ -23,6 +23,7 @@ from typing import Final
 from itsdangerous import BadData, TimestampSigner
 
 from gateway.config import Settings
+from gateway.cookies import cookie_values
 
 __all__ = ["CLIENT_ID_SALT", "ClientIdCookie"]
 
@@ -37,7 +38,6 @@ _CLIENT_ID: Final = re.compile(r"[1-9][0-9]{9}\.[0-9]{1,12}")
 # decoder skips characters outside the alphabet, so without this check junk inside a token could still verify.
 _TOKEN: Final = re.compile(rb"[1-9][0-9]{9}\.[0-9]{1,12}\.[A-Za-z0-9_-]{1,16}\.[A-Za-z0-9_-]{16,128}")
 _MAX_TOKEN_BYTES: Final = 200
-_OWS: Final = b" \t"
 _B64_VALUE: Final = {c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
 
 
@@ -87,7 +87,7 @@ class ClientIdCookie:
         name_eq = self._name_eq
         for value in cookies:
             if value.find(name_eq) != -1:  # cheap pre-check before any parsing (find: cheaper than "in" for bytes)
-                for token in self._tokens(value):
+                for token in cookie_values(value, self._name_eq):
                     client_id = self._verify(token, time.time() if now is None else now)
                     if client_id:
                         # If a stale duplicate is also sent, the first valid one wins: each was signed by us.
@@ -104,24 +104,6 @@ class ClientIdCookie:
     def expire_header(self) -> bytes:
         """A ``Set-Cookie`` value that deletes the cookie (same name, path and flags, ``Max-Age=0``)."""
         return f"{self.cookie_name}=; Max-Age=0{self._attributes}".encode("latin-1")
-
-    def _tokens(self, header: bytes) -> Iterable[bytes]:
-        """Values of our cookie in one Cookie header (RFC 6265 §5.4: ``name=value`` pairs joined by "; ")."""
-        name_eq = self._name_eq
-        start = header.find(name_eq)
-        while start != -1:
-            before = start - 1
-            while before >= 0 and header[before] in _OWS:
-                before -= 1
-            end = header.find(b";", start)
-            if before < 0 or header[before] == 0x3B:  # a real match starts the header or follows ";"
-                value = header[start + len(name_eq) : end if end != -1 else len(header)].strip(_OWS)
-                if len(value) >= 2 and value[0] == 0x22 and value[-1] == 0x22:  # DQUOTE-wrapped cookie-value
-                    value = value[1:-1]
-                yield value
-            if end == -1:
-                return
-            start = header.find(name_eq, end)
 
     def _verify(self, token: bytes, now: float) -> str:
         cached = self._cache.get(token)

@@ -40,6 +40,7 @@ from typing import Any, Final
 from itsdangerous import BadData, URLSafeTimedSerializer
 
 from gateway.config import Settings
+from gateway.cookies import cookie_values
 
 __all__ = [
     "COOKIE_SALT",
@@ -286,32 +287,12 @@ class ConsentManager:
         return entry.decisions[2 * gpc + dnt]
 
     def _find_cookie(self, header: bytes, start: int | None = None) -> tuple[bytes | None, bool]:
-        """Our cookie's value in one Cookie header and whether it occurs more than once (RFC 6265 §5.4 syntax).
+        """Our cookie's last value in one Cookie header and whether it occurs more than once.
 
         ``start``: where ``header.find(name + "=")`` is, if the caller has looked already.
         """
-        name_eq = self._name_eq
-        found: bytes | None = None
-        many = False
-        if start is None:
-            start = header.find(name_eq)
-        while start != -1:
-            # A real match starts the header or follows "; " (skip optional whitespace back to the separator).
-            before = start - 1
-            while before >= 0 and header[before] in _OWS:
-                before -= 1
-            end = header.find(b";", start)
-            if before < 0 or header[before] == 0x3B:  # ";"
-                value = header[start + len(name_eq) : end if end != -1 else len(header)].strip(_OWS)
-                if len(value) >= 2 and value[0] == 0x22 and value[-1] == 0x22:  # DQUOTE-wrapped cookie-value
-                    value = value[1:-1]
-                if found is not None:
-                    many = True
-                found = value
-            if end == -1:
-                break
-            start = header.find(name_eq, end)
-        return found, many
+        values = list(cookie_values(header, self._name_eq, start))
+        return (values[-1] if values else None), len(values) > 1
 
     def _verify(self, token: bytes) -> _CacheEntry | None:
         if len(token) > self.max_cookie_bytes or not _is_canonical_token(token):

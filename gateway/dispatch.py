@@ -68,8 +68,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
-import email.utils
 import heapq
 import http.cookiejar
 import itertools
@@ -88,6 +86,7 @@ import httpx
 from gateway.config import DispatchSettings, SpoolSettings
 from gateway.events import Event
 from gateway.logs import quiet_http_client_logs
+from gateway.policy import parse_retry_after
 from gateway.sinks import Outcome, Payload, PolicyDrop, Sink
 from gateway.sinks.transport import UpstreamTransport
 from gateway.spool import DeadLetter, PutResult, Spool, SpoolRow, SpoolSummary
@@ -150,22 +149,6 @@ def _no_cookies() -> http.cookiejar.CookieJar:
 def _safe_reason(text: str) -> str:
     """A reason for counters, logs and dead letters: one short line of harmless characters."""
     return _REASON_UNSAFE.sub("_", text).strip()[:MAX_REASON_CHARS] or "unknown"
-
-
-def _parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds from a ``Retry-After`` value: delay-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(int(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - now)
 
 
 class _Item:
@@ -931,7 +914,7 @@ class Dispatcher:
         if outcome is Outcome.RETRY:
             retry_after = verdict.retry_after
             if retry_after is None:
-                retry_after = _parse_retry_after(response.headers.get("retry-after"), now)
+                retry_after = parse_retry_after(response.headers.get("retry-after"), now=now)
             reason = _safe_reason(verdict.reason or f"http {response.status_code}")
             self._failure(lane, now, reason)
             if retry_after is not None and retry_after > 0:
