@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.context import PrivacyContext
+from gateway.native import warn_if_stale
 
 if TYPE_CHECKING:
     from gateway.middleware import PrivacyGateway
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 __all__ = ["ConfigError", "PrivacyContext", "PrivacyGateway", "Settings", "__version__", "load_settings"]
 
 __version__ = "0.1.0"
+
+warn_if_stale()
 
 
 def __getattr__(name: str) -> object:

@@ -22,9 +22,10 @@ _ALL_V4 = (1 << 32) - 1
 _ALL_V6 = (1 << 128) - 1
 
 
-def _check_prefix(name: str, value: int, bits: int) -> None:
+def _checked_prefix(name: str, value: object, bits: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bits:
         raise ValueError(f"{name} must be an integer between 0 and {bits}, not {value!r}")
+    return value
 
 
 class Truncator:
@@ -37,15 +38,17 @@ class Truncator:
 
     __slots__ = ("_cache", "_cache_size", "_v4_mask", "_v6_mask", "ipv4_prefix", "ipv6_prefix")
 
-    def __init__(self, ipv4_prefix: int = 24, ipv6_prefix: int = 48, *, cache_size: int = _DEFAULT_CACHE_SIZE) -> None:
-        _check_prefix("ipv4_prefix", ipv4_prefix, 32)
-        _check_prefix("ipv6_prefix", ipv6_prefix, 128)
+    # The prefixes are typed ``object`` and checked here: a compiled (mypyc) ``int`` parameter would silently turn
+    # True into 1, and a bool prefix is a configuration mistake, not a /1.
+    def __init__(
+        self, ipv4_prefix: object = 24, ipv6_prefix: object = 48, *, cache_size: int = _DEFAULT_CACHE_SIZE
+    ) -> None:
+        self.ipv4_prefix: int = _checked_prefix("ipv4_prefix", ipv4_prefix, 32)
+        self.ipv6_prefix: int = _checked_prefix("ipv6_prefix", ipv6_prefix, 128)
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
-        self.ipv4_prefix = ipv4_prefix
-        self.ipv6_prefix = ipv6_prefix
-        self._v4_mask = _ALL_V4 ^ (_ALL_V4 >> ipv4_prefix)
-        self._v6_mask = _ALL_V6 ^ (_ALL_V6 >> ipv6_prefix)
+        self._v4_mask = _ALL_V4 ^ (_ALL_V4 >> self.ipv4_prefix)
+        self._v6_mask = _ALL_V6 ^ (_ALL_V6 >> self.ipv6_prefix)
         self._cache: dict[str, str] = {}
         self._cache_size = cache_size
 
@@ -71,10 +74,10 @@ class Truncator:
 
 
 @functools.lru_cache(maxsize=8, typed=True)
-def _truncator(ipv4_prefix: int, ipv6_prefix: int) -> Truncator:
+def _truncator(ipv4_prefix: object, ipv6_prefix: object) -> Truncator:
     return Truncator(ipv4_prefix, ipv6_prefix)
 
 
-def truncate_ip(ip: str, ipv4_prefix: int = 24, ipv6_prefix: int = 48) -> str:
+def truncate_ip(ip: str, ipv4_prefix: object = 24, ipv6_prefix: object = 48) -> str:
     """The network address of ``ip`` at the given prefix lengths, as canonical text (see :class:`Truncator`)."""
     return _truncator(ipv4_prefix, ipv6_prefix)(ip)

@@ -67,8 +67,8 @@ _MEDIA_TYPES: Final = frozenset((b"text/plain", b"application/json"))
 _INTEGER: Final = re.compile(r"-?[0-9]{1,15}")
 # Browsers serialise location.href and document.referrer with control characters and spaces percent-encoded; raw
 # ones (and lone UTF-16 surrogates, which JSON "\\ud800" escapes can produce) are forged.
-_URL_FORBIDDEN: Final = re.compile("[\x00-\x20\x7f\ud800-\udfff]")
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+_URL_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f\ud800-\udfff]")  # re escapes: no surrogate in the literal
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 
 _OK: Final = b"ok"
 _ALLOW: Final = (b"allow", b"POST, OPTIONS")

@@ -60,9 +60,12 @@ def _canonical(token: bytes) -> bool:
 class ClientIdCookie:
     """Makes, signs, reads and expires the analytics id cookie. One per process; :meth:`read` does no I/O."""
 
-    __slots__ = ("_attributes", "_cache", "_name_eq", "_signer", "cookie_name", "max_age")
+    __slots__ = ("_attributes", "_cache", "_name_eq", "_signer", "_token_cache_size", "cookie_name", "max_age")
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, token_cache_size: int = TOKEN_CACHE_SIZE) -> None:
+        if token_cache_size < 1:
+            raise ValueError("token_cache_size must be at least 1")
+        self._token_cache_size = token_cache_size
         days = settings.consent.max_age_days
         if not 1 <= days <= MAX_AGE_DAYS_LIMIT:
             raise ValueError(f"consent.max_age_days must be between 1 and {MAX_AGE_DAYS_LIMIT}")
@@ -122,7 +125,7 @@ class ClientIdCookie:
         if not _CLIENT_ID.fullmatch(client_id):
             return ""
         cache = self._cache
-        if len(cache) >= TOKEN_CACHE_SIZE:
+        if len(cache) >= self._token_cache_size:
             cache.pop(next(iter(cache)), None)  # evict the oldest entry (dicts keep insertion order)
         cache[token] = (client_id, signed_at.timestamp() + self.max_age)
         return client_id

@@ -207,8 +207,11 @@ class ConsentManager:
     Build one per process at start-up; :meth:`decide` runs on every request and does no I/O.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, token_cache_size: int = TOKEN_CACHE_SIZE) -> None:
         consent = settings.consent
+        if token_cache_size < 1:
+            raise ValueError("token_cache_size must be at least 1")
+        self._token_cache_size = token_cache_size
         if not 1 <= consent.max_age_days <= MAX_AGE_DAYS_LIMIT:
             raise ValueError(f"consent.max_age_days must be between 1 and {MAX_AGE_DAYS_LIMIT}")
         self.revision: str = compute_revision(settings)
@@ -306,7 +309,7 @@ class ConsentManager:
             choice = None  # valid but given under another policy revision: ask again
         entry = _CacheEntry(choice, signed_at.timestamp() + self.max_age, self.honor_gpc, self.honor_dnt)
         cache = self._cache
-        if len(cache) >= TOKEN_CACHE_SIZE:
+        if len(cache) >= self._token_cache_size:
             cache.pop(next(iter(cache)), None)  # evict the oldest entry (dicts keep insertion order)
         cache[token] = entry
         return entry
@@ -336,7 +339,7 @@ class ConsentManager:
 
     # ---------------------------------------------------------------------------------------------- writing
 
-    def make_choice(self, choices: Mapping[str, bool], gpc: bool, consent_id: str | None = None) -> ConsentChoice:
+    def make_choice(self, choices: Mapping[str, object], gpc: bool, consent_id: str | None = None) -> ConsentChoice:
         """A new choice under the current revision; categories not named are refused (deny by default).
 
         Raises ValueError for an unknown category, a non-boolean value or a malformed consent id.

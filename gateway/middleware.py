@@ -464,16 +464,17 @@ ContextFactory = Callable[[str, str, frozenset[str], bool, bool, str, str], Priv
 
 
 def _context_factory() -> ContextFactory:
+    namespace = vars(PrivacyContext)
     plain = (
         tuple(f.name for f in dataclasses.fields(PrivacyContext)) == _CONTEXT_FIELDS
-        and "__post_init__" not in PrivacyContext.__dict__
-        and all(isinstance(PrivacyContext.__dict__.get(name), types.MemberDescriptorType) for name in _CONTEXT_FIELDS)
+        and "__post_init__" not in namespace
+        and all(isinstance(namespace.get(name), types.MemberDescriptorType) for name in _CONTEXT_FIELDS)
     )
-    if not plain:  # pragma: no cover - only if gateway.context changes
+    if not plain:  # compiled with mypyc (a native class, already cheap to build), or gateway.context changed
         return PrivacyContext
     new = object.__new__
     set_ip, set_country, set_granted, set_choice_made, set_gpc, set_consent_id, set_client_id = (
-        PrivacyContext.__dict__[name].__set__ for name in _CONTEXT_FIELDS
+        namespace[name].__set__ for name in _CONTEXT_FIELDS
     )
 
     def new_context(

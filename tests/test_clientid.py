@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from itsdangerous import TimestampSigner
 
-import gateway.clientid as clientid
 from gateway.clientid import CLIENT_ID_SALT, ClientIdCookie
 from gateway.config import Settings, load_settings
 
@@ -207,9 +206,8 @@ def test_several_cookie_headers_and_no_cookie_header() -> None:
     assert cookies.read([]) == ""
 
 
-def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(clientid, "TOKEN_CACHE_SIZE", 8)
-    cookies = make()
+def test_cache_is_bounded() -> None:
+    cookies = ClientIdCookie(load_settings(overrides={"consent": {"secret_keys": [KEY_NEW]}}), token_cache_size=8)
     tokens = [parse(cookies.new()[1])[0] for _ in range(30)]
     for token in tokens:
         assert cookies.read(cookie_header(token))

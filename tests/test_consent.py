@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from itsdangerous import URLSafeTimedSerializer
 
-from gateway import consent as consent_module
 from gateway.banner import texts as banner_texts
 from gateway.config import Settings, load_settings
 from gateway.consent import COOKIE_SALT, ConsentChoice, ConsentDecision, ConsentManager, compute_revision
@@ -321,9 +320,8 @@ def test_token_from_the_future_is_no_choice() -> None:
         assert manager.loads(token) is None
 
 
-def test_token_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(consent_module, "TOKEN_CACHE_SIZE", 8)
-    manager = ConsentManager(make_settings())
+def test_token_cache_stays_bounded() -> None:
+    manager = ConsentManager(make_settings(), token_cache_size=8)
     tokens = [manager.dumps(manager.make_choice({"analytics": True}, gpc=False)) for _ in range(20)]
     for token in tokens:
         assert manager.decide(cookie_headers(token)).choice is not None
