@@ -40,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" and "gateway
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import CLIENT_ADDRESS, REQUEST_HEADERS
+from benchmarks.compiled import loaded_extension_modules
 from benchmarks.macro import Service, start_uvicorn
 from gateway.config import load_settings
 from gateway.dispatch import Dispatcher
@@ -206,8 +207,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = run(args.duration, args.spool == "on", args.max_connections)
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # with the compiled gateway modules that ran, so the caller can tell which build it measured
+        print(json.dumps({**result, "compiled_modules": loaded_extension_modules()}))
         return
     for key, value in result.items():
         print(f"{key:<38} {value:.2f}" if isinstance(value, float) else f"{key:<38} {value}")

@@ -10,9 +10,12 @@ saturated load generator or a busy helper process (collector, upstream) is visib
 Middleware mode (:func:`run_middleware`): ``raw`` ASGI app (floor), bare ``starlette`` app (the 1.00 reference),
 the same app inside ``PrivacyGateway`` with Plausible + GA4 destinations really delivering to a local collector
 (``gateway``), and with no destinations (``gateway-nodest``: events built and handed to a dispatcher without
-lanes), which isolates the request-path cost from the delivery cost.
+lanes), which isolates the request-path cost from the delivery cost. Given a compiled build
+(:mod:`benchmarks.compiled`), both gateway configurations also run from the mypyc-compiled copy
+(``gateway-compiled``, ``gateway-nodest-compiled``) in the same rounds; every gateway server is checked (by its
+memory maps) to run the build it is labelled with.
 
-    python -m benchmarks.macro [--duration 10] [--runs 5]
+    python -m benchmarks.macro [--duration 10] [--runs 5] [--compiled [--compiled-dir DIR]]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Final
 if __package__ in (None, ""):  # run as a script: make "benchmarks" and "gateway" importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.apps import CONFIG_ENV
 from benchmarks.common import (
     PAGE_PATH,
     PAGE_QUERY,
@@ -49,6 +53,7 @@ from benchmarks.common import (
     to_toml,
     write_wrk_script,
 )
+from benchmarks.compiled import COMPILED, PURE, BuildKind, CompiledBuild, check_process, compiled_build
 
 __all__ = [
     "Config",
@@ -71,6 +76,14 @@ WRK_CONNECTIONS: Final = 64
 WRK_THREADS: Final = 1
 # [dispatch] queue_size of the delivering gateway in middleware mode (see run_middleware).
 DELIVERING_QUEUE_SIZE: Final = 1000
+MIDDLEWARE_LABELS: Final = {
+    "raw": "raw ASGI app (uvicorn floor)",
+    "starlette": "Starlette app, bare (reference)",
+    "gateway": "Starlette + gateway, Plausible + GA4 delivering to a local collector",
+    "gateway-nodest": "Starlette + gateway, no destinations",
+    "gateway-compiled": "Starlette + gateway (compiled), Plausible + GA4 delivering to a local collector",
+    "gateway-nodest-compiled": "Starlette + gateway (compiled), no destinations",
+}
 
 # --------------------------------------------------------------------------------------------------------------
 # tools
@@ -222,14 +235,20 @@ def start_process(
     *,
     env: Mapping[str, str] | None = None,
     ready_path: str = "/",
+    cwd: Path = REPO,
 ) -> Service:
+    """Start ``command`` in ``cwd`` (which is also its ``PYTHONPATH``) and wait until ``ready_path`` answers.
+
+    ``cwd``: the checkout whose ``gateway`` and ``benchmarks`` packages the process imports: this repository
+    (pure Python) or a compiled copy (:mod:`benchmarks.compiled`); ``python -m`` puts it first on ``sys.path``.
+    """
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
+    full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(cwd)})
     full_env.update(env or {})
     log = directory / f"{name}.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            list(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env, cwd=REPO
+            list(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env, cwd=cwd
         )
     service = Service(name, process, port, log)
     try:
@@ -242,14 +261,20 @@ def start_process(
 
 
 def start_uvicorn(
-    name: str, factory: str, directory: Path, *, env: Mapping[str, str] | None = None, ready_path: str = "/"
+    name: str,
+    factory: str,
+    directory: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    ready_path: str = "/",
+    cwd: Path = REPO,
 ) -> Service:
     port = free_port()
     command = [
         sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1", "--port", str(port),
         "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
     ]  # fmt: skip
-    return start_process(name, command, port, directory, env=env, ready_path=ready_path)
+    return start_process(name, command, port, directory, env=env, ready_path=ready_path, cwd=cwd)
 
 
 def start_nginx(name: str, nginx: str, directory: Path, server_block: str, *, ready_path: str = "/") -> Service:
@@ -358,6 +383,7 @@ class Config:
     url: str  # the full URL wrk requests
     script: Path
     measured: tuple[Service, ...]  # the server under test first, then helpers (collector, upstream)
+    before_run: Callable[[], None] | None = None  # called right before each run (e.g. to read counters)
     after_run: Callable[[], Mapping[str, float]] | None = None  # extra counters read after each run
 
 
@@ -432,6 +458,8 @@ def interleave(
 ) -> dict[str, Summary]:
     """Warm every config up once, then ``runs`` rounds in rotating order; a Summary per config name."""
     for config in configs:
+        if config.before_run is not None:
+            config.before_run()
         run_wrk(wrk, config.url, config.script, warmup, config.measured)
         if config.after_run is not None:
             config.after_run()
@@ -440,13 +468,15 @@ def interleave(
     for round_index in range(runs):
         shift = round_index % len(configs)
         for config in [*configs[shift:], *configs[:shift]]:
+            if config.before_run is not None:
+                config.before_run()
             result = run_wrk(wrk, config.url, config.script, seconds, config.measured)
             results[config.name].append(result)
             if config.after_run is not None:
                 extras[config.name].append(config.after_run())
             server = config.measured[0].name
             progress(
-                f"  round {round_index + 1}/{runs} {config.name:<16} {result.requests_per_s:9.0f} req/s  "
+                f"  round {round_index + 1}/{runs} {config.name:<25} {result.requests_per_s:9.0f} req/s  "
                 f"p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  "
                 f"{server} CPU {100 * result.cpu_s[server] / result.seconds:4.0f}%  "
                 f"wrk CPU {100 * result.wrk_cpu_s / result.seconds:4.0f}%"
@@ -536,6 +566,19 @@ def _check_page(url: str, cookie: str, *, must_contain: Sequence[bytes]) -> None
         raise RuntimeError(f"{url}: sanity check failed: HTTP {status}, missing {missing}")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Server:
+    """One middleware-mode configuration's server: what it serves, from which checkout, measured as which build."""
+
+    name: str
+    factory: str
+    config: Path | None = None  # the gateway's settings file
+    script: Path | None = None  # its wrk script (cookies signed with its key); None: the reference's
+    build: BuildKind | None = None  # None: not a gateway (raw, bare Starlette), always from this checkout
+    cwd: Path = REPO
+    delivering: bool = False
+
+
 def run_middleware(
     wrk: str,
     *,
@@ -543,103 +586,120 @@ def run_middleware(
     seconds: float,
     warmup: float,
     include_raw: bool = True,
+    compiled: CompiledBuild | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Summary]:
+    """Middleware mode: every configuration up at once, interleaved runs, one Summary per configuration name.
+
+    With a ``compiled`` build, the two gateway configurations run a second time from the compiled copy
+    (``gateway-compiled``, ``gateway-nodest-compiled``) in the same rounds, against the same bare-Starlette reference.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-mw-") as tmp, _services() as services:
         directory = Path(tmp)
         geo = build_geo_database(directory)
         collector = start_uvicorn("collector", "benchmarks.apps:collector_app", directory, ready_path="/_count")
         services.append(collector)
 
-        def gateway_config(name: str, collector_url: str | None) -> tuple[Path, Path]:
+        def gateway_server(name: str, delivering: bool, build: BuildKind, cwd: Path) -> _Server:
             sub = directory / name
             sub.mkdir()
             # Delivering: every request is a page view, two events each, far more than one worker can deliver.
             # A small queue and no spool bound the backlog (the rest is dropped and counted), so what is left
             # after a run drains in seconds and does not steal CPU from the next configuration's run.
-            delivering = collector_url is not None
             table = gateway_settings(
                 sub,
                 geo,
-                collector_url=collector_url,
+                collector_url=collector.url if delivering else None,
                 spool=not delivering,
                 queue_size=DELIVERING_QUEUE_SIZE if delivering else None,
             )
             config_path = sub / "gateway.toml"
             config_path.write_text(to_toml(table), encoding="utf-8")
             script = write_wrk_script(sub / "wrk.lua", cookie_header(load(config_path)))
-            return config_path, script
+            factory = "benchmarks.apps:gateway_app"
+            return _Server(name, factory, config_path, script, build, cwd, delivering)
 
-        delivering, delivering_script = gateway_config("gateway", collector.url)
-        nodest, nodest_script = gateway_config("gateway-nodest", None)
-        apps = [
-            *([("raw", "benchmarks.apps:raw_app", None)] if include_raw else []),
-            ("starlette", "benchmarks.apps:starlette_app", None),
-            ("gateway", "benchmarks.apps:gateway_app", delivering),
-            ("gateway-nodest", "benchmarks.apps:gateway_app", nodest),
+        servers_wanted = [
+            *([_Server("raw", "benchmarks.apps:raw_app")] if include_raw else []),
+            _Server("starlette", "benchmarks.apps:starlette_app"),
+            gateway_server("gateway", True, PURE, REPO),
+            gateway_server("gateway-nodest", False, PURE, REPO),
         ]
+        if compiled is not None and compiled.root is not None:
+            servers_wanted += [
+                gateway_server("gateway-compiled", True, COMPILED, compiled.root),
+                gateway_server("gateway-nodest-compiled", False, COMPILED, compiled.root),
+            ]
+        reference_script = next(s.script for s in servers_wanted if s.script is not None)
         servers: dict[str, Service] = {}
-        for name, factory, config_path in apps:
-            env = {"BENCH_GATEWAY_CONFIG": str(config_path)} if config_path else {}
-            servers[name] = start_uvicorn(name, factory, directory, env=env, ready_path=PAGE_PATH)
-            services.append(servers[name])
+        for wanted in servers_wanted:
+            env = {CONFIG_ENV: str(wanted.config)} if wanted.config else {}
+            service = start_uvicorn(
+                wanted.name, wanted.factory, directory, env=env, ready_path=PAGE_PATH, cwd=wanted.cwd
+            )
+            services.append(service)
+            servers[wanted.name] = service
+            if wanted.build is not None:  # what the server really loaded, from its memory maps
+                check_process(service.process.pid, wanted.build, wanted.name, wanted.cwd)
 
         target = f"{PAGE_PATH}?{PAGE_QUERY}"
-        cookie = cookie_header(load(delivering))
-        _check_page(
-            f"{servers['gateway'].url}{target}", cookie, must_contain=[b"<title>Download Python", b"/_privacy/"]
-        )
-        nodest_cookie = cookie_header(load(nodest))
-        _check_page(
-            f"{servers['gateway-nodest'].url}{target}",
-            nodest_cookie,
-            must_contain=[b"<title>Download Python", b"/_privacy/"],
-        )
-        for name in ("starlette", "raw") if include_raw else ("starlette",):
-            _check_page(f"{servers[name].url}{target}", cookie, must_contain=[b"<title>Download Python"])
-        _wait_delivered(collector, 2)  # the sanity request's page view, to Plausible and to GA4
+        delivering_config = next(s.config for s in servers_wanted if s.config is not None)
+        cookie = cookie_header(load(delivering_config))
+        for wanted in servers_wanted:
+            if wanted.config is None:
+                _check_page(f"{servers[wanted.name].url}{target}", cookie, must_contain=[b"<title>Download Python"])
+            else:
+                _check_page(
+                    f"{servers[wanted.name].url}{target}",
+                    cookie_header(load(wanted.config)),
+                    must_contain=[b"<title>Download Python", b"/_privacy/"],
+                )
+        # The sanity requests' page views, to Plausible and to GA4, from every delivering gateway.
+        _wait_delivered(collector, 2 * sum(s.delivering for s in servers_wanted))
 
-        def delivered_counter() -> Callable[[], Mapping[str, float]]:
+        def delivered_counter() -> tuple[Callable[[], None], Callable[[], Mapping[str, float]]]:
+            """Counters around one delivering run (the collector is shared, and quiet when a run starts)."""
             last = collector_counts(collector)
 
-            def read() -> Mapping[str, float]:
-                """Events that reached the collector during the run; then wait until the backlog is delivered."""
+            def before() -> None:
                 nonlocal last
+                last = collector_counts(collector)
+
+            def after() -> Mapping[str, float]:
+                """Events that reached the collector during the run; then wait until the backlog is delivered."""
                 now = collector_counts(collector)
-                delta = {
+                return {
                     "events_delivered": now["events"] - last["events"],
                     "requests": now["requests"] - last["requests"],
                     "drain_seconds": _wait_drained(collector),
                 }
-                last = collector_counts(collector)
-                return delta
 
-            return read
+            return before, after
 
-        labels = {
-            "raw": "raw ASGI app (uvicorn floor)",
-            "starlette": "Starlette app, bare (reference)",
-            "gateway": "Starlette + gateway, Plausible + GA4 delivering to a local collector",
-            "gateway-nodest": "Starlette + gateway, no destinations",
-        }
         configs = []
-        for name, _, _ in apps:
-            measured = (servers[name], collector) if name == "gateway" else (servers[name],)
-            script = nodest_script if name == "gateway-nodest" else delivering_script
+        for wanted in servers_wanted:
+            before, after = delivered_counter() if wanted.delivering else (None, None)
             configs.append(
                 Config(
-                    name,
-                    labels[name],
-                    f"{servers[name].url}{target}",
-                    script,
-                    measured,
-                    after_run=delivered_counter() if name == "gateway" else None,
+                    wanted.name,
+                    MIDDLEWARE_LABELS[wanted.name],
+                    f"{servers[wanted.name].url}{target}",
+                    wanted.script or reference_script,
+                    (servers[wanted.name], collector) if wanted.delivering else (servers[wanted.name],),
+                    before_run=before,
+                    after_run=after,
                 )
             )
         results = interleave(wrk, configs, runs=runs, seconds=seconds, warmup=warmup, progress=progress)
-        totals = gateway_dispatch_totals(servers["gateway"])
-        results["gateway"] = dataclasses.replace(results["gateway"], totals=totals)
+        for wanted in servers_wanted:
+            if wanted.delivering:
+                totals = gateway_dispatch_totals(servers[wanted.name])
+                results[wanted.name] = dataclasses.replace(results[wanted.name], totals=totals)
         return results
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -648,18 +708,27 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--compiled", action="store_true", help="also measure the mypyc-compiled build")
+    parser.add_argument("--compiled-dir", type=Path, help="build the compiled copy here and reuse it next time")
     args = parser.parse_args()
     tools = ensure_tools()
     if tools.wrk is None:
         sys.exit(f"wrk is required: {tools.note}")
-    results = run_middleware(tools.wrk, runs=args.runs, seconds=args.duration, warmup=args.warmup)
+    with contextlib.ExitStack() as stack:
+        compiled = None
+        if args.compiled or args.compiled_dir:
+            compiled = stack.enter_context(compiled_build(args.compiled_dir, progress=_stderr))
+            _stderr(f"compiled build: {compiled.describe()}")
+        results = run_middleware(
+            tools.wrk, runs=args.runs, seconds=args.duration, warmup=args.warmup, compiled=compiled, progress=_stderr
+        )
     if args.json:
         print(json.dumps({k: v.to_json() for k, v in results.items()}, indent=2))
         return
     reference = results["starlette"]
     for summary in results.values():
         print(
-            f"{summary.name:<16} {summary.rps:9.0f} req/s ({summary.rps / reference.rps:5.2f})  "
+            f"{summary.name:<25} {summary.rps:9.0f} req/s ({summary.rps / reference.rps:5.2f})  "
             f"p50 {summary.p50_ms:6.2f} ms  p99 {summary.p99_ms:6.2f} ms ({summary.p99_ms / reference.p99_ms:5.2f}x)"
         )
 

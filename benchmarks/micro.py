@@ -6,7 +6,11 @@ shared machine disturb far less than the wall clock. The whole-middleware figure
 ``benchmarks/bench_middleware.py --json`` in its own process (bare app and gateway interleaved, median of
 per-request wall-clock medians).
 
-    python -m benchmarks.micro [--quick]
+The gateway measured is the one this checkout holds: ``python -m benchmarks`` also runs this module in a
+mypyc-compiled copy (:mod:`benchmarks.compiled`), and with ``build=`` :func:`run` checks that this process and
+bench_middleware.py's really ran that build. ``--json`` prints the figures as JSON (progress on stderr).
+
+    python -m benchmarks.micro [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" and "gateway
 
 from benchmarks.bench_ip import BROWSER_HEADERS, FASTLY, XFF_3_HOPS, XFF_V6
 from benchmarks.common import CONSENT_KEY, PAGE_PATH, build_geo_database
+from benchmarks.compiled import COMPILED, PURE, BuildKind, loaded_extension_modules, require_build
 from gateway.anonymize import Truncator
 from gateway.clientip import ClientIPResolver
 from gateway.config import Settings, load_settings
@@ -41,7 +46,7 @@ from gateway.sinks import Payload
 from gateway.sinks.ga4 import GA4Sink
 from gateway.sinks.plausible import PlausibleSink
 
-__all__ = ["MicroFigure", "run"]
+__all__ = ["MicroFigure", "check_build", "run"]
 
 # Distinct inputs for "cold cache" rows: far more than any gateway cache holds (they are 4-16k entries and
 # cleared when full), so every call misses.
@@ -128,7 +133,23 @@ def _event(scope: dict[str, Any], granted: frozenset[str]) -> Event:
     )
 
 
-def run(*, quick: bool = False, progress: Callable[[str], None] = print) -> list[MicroFigure]:
+def check_build(build: BuildKind) -> None:
+    """Raise unless this process runs ``build``: compiled means every gateway module it imported that has a
+    compiled extension module beside its source was loaded from it (and there is at least one)."""
+    from gateway.native import compiled_modules
+
+    essential = [name for name in compiled_modules() if name in sys.modules]
+    if build == COMPILED and not essential:
+        raise RuntimeError("micro benchmarks: measured as compiled, but the gateway package has no compiled modules")
+    require_build(build, loaded_extension_modules(), essential, "micro benchmarks (in process)")
+
+
+def run(
+    *, quick: bool = False, progress: Callable[[str], None] = print, build: BuildKind | None = None
+) -> list[MicroFigure]:
+    """Every micro figure; with ``build``, check that this process and bench_middleware.py run that build."""
+    if build is not None:
+        check_build(build)
     target, repeat = (0.02, 3) if quick else (0.2, 7)
     figures: list[MicroFigure] = []
 
@@ -240,7 +261,9 @@ def run(*, quick: bool = False, progress: Callable[[str], None] = print) -> list
     script = Path(__file__).resolve().with_name("bench_middleware.py")
     command = [sys.executable, str(script), "--json", "--rounds", str(rounds), "--per-round", str(per_round)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
-    whole: dict[str, dict[str, float]] = json.loads(done.stdout.strip().splitlines()[-1])
+    whole: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    if build is not None:
+        require_build(build, whole["compiled_modules"], ["gateway.middleware"], "bench_middleware.py")
     labels = {
         "core": ("IP + geo + truncate only (no consent, banner, events)", 8_000.0),
         "core-xff-v6": ("the same, IPv6 client behind a 3-hop X-Forwarded-For", 8_000.0),
@@ -258,8 +281,16 @@ def run(*, quick: bool = False, progress: Callable[[str], None] = print) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", action="store_true", help="figures as JSON on stdout, progress on stderr")
+    parser.add_argument("--build", choices=("pure", "compiled"), help="fail unless this build is what runs")
     args = parser.parse_args()
-    run(quick=args.quick)
+    build: BuildKind | None = None if args.build is None else (COMPILED if args.build == "compiled" else PURE)
+    if not args.json:
+        run(quick=args.quick, build=build)
+        return
+    figures = run(quick=args.quick, build=build, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    output = {"figures": [dataclasses.asdict(f) for f in figures], "compiled_modules": loaded_extension_modules()}
+    print(json.dumps(output))
 
 
 if __name__ == "__main__":

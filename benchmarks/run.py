@@ -1,21 +1,29 @@
 """Run every benchmark in one go and write benchmarks/results.md (GitHub issue 7).
 
-    python -m benchmarks            # full run, ~7 minutes
-    python -m benchmarks --quick    # ~1 minute smoke run (too short for trustworthy figures)
-    python benchmarks/run.py [--output PATH] [--skip-macro] [--no-install]
+    python -m benchmarks            # full run, both builds, ~12 minutes
+    python -m benchmarks --quick    # smoke run (too short for trustworthy figures): ~1 minute + the build
+    python benchmarks/run.py [--output PATH] [--skip-macro] [--no-install] [--no-compiled] [--compiled-dir DIR]
 
 Sections: in-process micro benchmarks (:mod:`benchmarks.micro`), middleware mode under load
 (:func:`benchmarks.macro.run_middleware`), proxy mode under load (:func:`benchmarks.bench_proxy.run`) and the
 dispatcher's delivery rate (:mod:`benchmarks.bench_dispatch`, in a fresh process so its memory figures are its own).
+
+Two builds, side by side in the same run against the same references: the pure-Python package of this checkout,
+and the opt-in mypyc-compiled build, made first in a scratch copy of the current working tree
+(:mod:`benchmarks.compiled`; ``--no-compiled`` skips it, ``--compiled-dir DIR`` keeps and reuses it). Its load
+configurations run in the same interleaved rounds as the pure-Python ones; its in-process and dispatcher figures
+run in processes started in the compiled copy. If the build fails (no compiler, no build dependencies), the
+compiled rows are left out with a note in the results.
 wrk and nginx come from Debian: when missing they are installed with ``apt-get install -y`` if running as root;
 otherwise (or offline) the load sections are skipped with a note in the results. Every figure in results.md is
-measured by this run; nothing is copied in. With ``--update-readme`` the goals table in benchmarks/README.md (between
-the ``results:start``/``results:end`` markers) is replaced by this run's.
+measured by this run; nothing is copied in. With ``--update-readme`` the goals table in benchmarks/README.md and in
+the project's README.md (between the ``results:start``/``results:end`` markers) is replaced by this run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -26,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,13 +44,23 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" and "gateway
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_proxy, macro, micro
+from benchmarks.compiled import (
+    COMPILED,
+    PURE,
+    BuildKind,
+    CompiledBuild,
+    compiled_build,
+    require_build,
+    subprocess_env,
+)
 from benchmarks.macro import Summary
 
 __all__ = ["main"]
 
 HERE: Final = Path(__file__).resolve().parent
 REPO: Final = HERE.parent
-README: Final = HERE / "README.md"
+# The READMEs holding the goals table between the markers (--update-readme): benchmarks/ and the project's.
+READMES: Final = (HERE / "README.md", REPO / "README.md")
 MARK_START: Final = "<!-- results:start -->"
 MARK_END: Final = "<!-- results:end -->"
 
@@ -49,6 +68,7 @@ MARK_END: Final = "<!-- results:end -->"
 MIDDLEWARE_THROUGHPUT_GOAL: Final = 0.90
 MIDDLEWARE_P99_GOAL: Final = 1.2
 PAGEVIEW_ADDED_US_GOAL: Final = 10.0
+IP_CORE_ADDED_US_GOAL: Final = 8.0  # issue 2's budget for the client-IP core
 PROXY_VS_NGINX_GOAL: Final = 0.25
 PROXY_VS_NAIVE_GOAL: Final = 10.0
 DISPATCH_EVENTS_GOAL: Final = 1000.0
@@ -77,6 +97,7 @@ QUICK: Final = Mode("quick", True, 1, 2.0, 1, 2.0, 1.0, 3.0)
 @dataclasses.dataclass(frozen=True, slots=True)
 class GoalRow:
     area: str
+    build: str  # PURE or COMPILED
     figure: str
     value: str
     reference: str
@@ -149,7 +170,15 @@ def _load() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def machine_section(tools: macro.ToolStatus | None, started: str, finished: str, loads: Sequence[str]) -> list[str]:
+def machine_section(
+    tools: macro.ToolStatus | None,
+    started: str,
+    finished: str,
+    loads: Sequence[str],
+    *,
+    compiled: CompiledBuild | None = None,
+    skipped: str = "",
+) -> list[str]:
     from gateway import __version__
 
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -170,6 +199,12 @@ def machine_section(tools: macro.ToolStatus | None, started: str, finished: str,
     if tools is not None:
         versions.append(("wrk", macro.tool_version(tools.wrk, "-v")))
         versions.append(("nginx", macro.tool_version(tools.nginx, "-v")))
+    versions.append(
+        (
+            "compiled build",
+            compiled.describe() if compiled is not None and compiled.available else f"not measured: {skipped}",
+        )
+    )
     lines += ["## Versions", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in versions), ""]
     return lines
 
@@ -188,9 +223,14 @@ def _met(value: bool | None) -> str:
 
 
 def _goal_table(rows: Sequence[GoalRow]) -> list[str]:
-    lines = ["| area | figure | measured | reference | ratio | goal | met |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| area | build | figure | measured | reference | ratio | goal | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r.area} | {r.figure} | {r.value} | {r.reference} | {r.ratio} | {r.goal} | {_met(r.met)} |")
+        lines.append(
+            f"| {r.area} | {r.build} | {r.figure} | {r.value} | {r.reference} | {r.ratio} | {r.goal} | {_met(r.met)} |"
+        )
     return lines
 
 
@@ -215,50 +255,78 @@ def _summary_table(results: dict[str, Summary], reference: str, helpers: Sequenc
     return lines
 
 
+def _builds(results: Mapping[str, object], name: str) -> list[tuple[str, str]]:
+    """(build, configuration name) of the pure-Python configuration ``name`` and its compiled twin, if measured."""
+    return [(PURE, name), *([(COMPILED, f"{name}-compiled")] if f"{name}-compiled" in results else [])]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # sections
 # --------------------------------------------------------------------------------------------------------------
 
+# The in-process middleware figures that have a goal: (label prefix, goal row figure, budget in µs).
+_MICRO_GOALS: Final = (
+    (
+        "added per request: IP + geo + truncate only",
+        "added per request, IP core only (resolve, geo, truncate), in process (median)",
+        IP_CORE_ADDED_US_GOAL,
+    ),
+    ("added per request: full page view", "added per page view, in process (median)", PAGEVIEW_ADDED_US_GOAL),
+)
 
-def micro_section(figures: Sequence[micro.MicroFigure]) -> tuple[list[str], list[GoalRow]]:
+
+def micro_section(
+    figures_by_build: Mapping[str, Sequence[micro.MicroFigure]],
+) -> tuple[list[str], list[GoalRow]]:
+    builds = list(figures_by_build)
     lines = [
         "## Micro benchmarks (in process)",
         "",
         "Median per call (CPU clock, timeit with warm-up; whole-middleware rows: wall clock, bare app and gateway",
-        "interleaved). Rows without a budget are reported for profiling, not judged.",
+        "interleaved). Rows without a budget are reported for profiling, not judged. "
+        + (
+            "The compiled column is the same benchmark run in the compiled copy (its own process, "
+            "`python -m benchmarks.micro --json --build compiled`)."
+            if COMPILED in figures_by_build
+            else ""
+        ),
         "",
-        "| group | what | median | budget | met | note |",
-        "|---|---|---|---|---|---|",
+        "| group | what | "
+        + " | ".join(f"median, {b}" for b in builds)
+        + " | budget | "
+        + ("met (" + " / ".join(builds) + ")" if len(builds) > 1 else "met")
+        + " | note |",
+        "|---|---|" + "---|" * len(builds) + "---|---|---|",
     ]
+    by_key = {b: {(f.group, f.label): f for f in figures} for b, figures in figures_by_build.items()}
     goals: list[GoalRow] = []
-    for f in figures:
-        met = None if f.budget_ns is None else f.ns <= f.budget_ns
+    for f in figures_by_build[PURE]:
+        row = [by_key[b].get((f.group, f.label)) for b in builds]
+        medians = " | ".join("—" if g is None else f"{g.ns / 1000:.2f} µs" for g in row)
         budget = "—" if f.budget_ns is None else f"≤ {f.budget_ns / 1000:.0f} µs"
-        lines.append(f"| {f.group} | {f.label} | {f.ns / 1000:.2f} µs | {budget} | {_met(met)} | {f.note} |")
-        if f.group == "middleware" and f.label.startswith("added per request: IP + geo + truncate only"):
-            goals.append(  # issue 2's budget for the client-IP core
-                GoalRow(
-                    "Middleware",
-                    "added per request, IP core only (resolve, geo, truncate), in process (median)",
-                    f"{f.ns / 1000:.1f} µs",
-                    f.note,
-                    "—",
-                    "≤ 8 µs",
-                    f.budget_ns is not None and f.ns <= f.budget_ns,
-                )
+        met = "—" if f.budget_ns is None else " / ".join(_met(None if g is None else g.ns <= f.budget_ns) for g in row)
+        notes = [g.note for g in row if g is not None and g.note]
+        if len(set(notes)) > 1:
+            notes = [f"{b}: {g.note}" for b, g in zip(builds, row, strict=True) if g is not None and g.note]
+        lines.append(f"| {f.group} | {f.label} | {medians} | {budget} | {met} | {'; '.join(dict.fromkeys(notes))} |")
+    for prefix, figure, budget_us in _MICRO_GOALS:
+        for build in builds:
+            found = next(
+                (g for g in figures_by_build[build] if g.group == "middleware" and g.label.startswith(prefix)), None
             )
-        if f.group == "middleware" and f.label.startswith("added per request: full page view"):
-            goals.append(
-                GoalRow(
-                    "Middleware",
-                    "added per page view, in process (median)",
-                    f"{f.ns / 1000:.1f} µs",
-                    f.note,
-                    "—",
-                    f"≤ {PAGEVIEW_ADDED_US_GOAL:.0f} µs",
-                    f.ns / 1000 <= PAGEVIEW_ADDED_US_GOAL,
+            if found is not None:
+                goals.append(
+                    GoalRow(
+                        "Middleware",
+                        build,
+                        figure,
+                        f"{found.ns / 1000:.1f} µs",
+                        found.note,
+                        "—",
+                        f"≤ {budget_us:.0f} µs",
+                        found.ns / 1000 <= budget_us,
+                    )
                 )
-            )
     return [*lines, ""], goals
 
 
@@ -266,49 +334,52 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
     ref = results["starlette"]
     goals: list[GoalRow] = []
     for name, what in (("gateway", "delivering to a collector"), ("gateway-nodest", "no destinations")):
-        gw = results[name]
-        ratio = gw.rps / ref.rps
-        p99 = gw.p99_ms / ref.p99_ms
-        goals.append(
-            GoalRow(
-                "Middleware",
-                f"throughput, gateway {what}",
-                _rps(gw.rps),
-                f"bare Starlette {_rps(ref.rps)}",
-                f"{ratio:.3f}",
-                f"≥ {MIDDLEWARE_THROUGHPUT_GOAL:.2f}",
-                ratio >= MIDDLEWARE_THROUGHPUT_GOAL,
+        for build, key in _builds(results, name):
+            gw = results[key]
+            ratio = gw.rps / ref.rps
+            goals.append(
+                GoalRow(
+                    "Middleware",
+                    build,
+                    f"throughput, gateway {what}",
+                    _rps(gw.rps),
+                    f"bare Starlette {_rps(ref.rps)}",
+                    f"{ratio:.3f}",
+                    f"≥ {MIDDLEWARE_THROUGHPUT_GOAL:.2f}",
+                    ratio >= MIDDLEWARE_THROUGHPUT_GOAL,
+                )
             )
-        )
-        goals.append(
-            GoalRow(
-                "Middleware",
-                f"p99 latency, gateway {what}",
-                f"{gw.p99_ms:.2f} ms",
-                f"bare Starlette {ref.p99_ms:.2f} ms",
-                f"{p99:.2f}×",
-                f"≤ {MIDDLEWARE_P99_GOAL:.1f}×",
-                p99 <= MIDDLEWARE_P99_GOAL,
+        for build, key in _builds(results, name):
+            gw = results[key]
+            p99 = gw.p99_ms / ref.p99_ms
+            goals.append(
+                GoalRow(
+                    "Middleware",
+                    build,
+                    f"p99 latency, gateway {what}",
+                    f"{gw.p99_ms:.2f} ms",
+                    f"bare Starlette {ref.p99_ms:.2f} ms",
+                    f"{p99:.2f}×",
+                    f"≤ {MIDDLEWARE_P99_GOAL:.1f}×",
+                    p99 <= MIDDLEWARE_P99_GOAL,
+                )
             )
-        )
     for name, what in (("gateway", "delivering"), ("gateway-nodest", "no destinations")):
-        gw = results[name]
-        goals.append(
-            GoalRow(
-                "Middleware",
-                f"server CPU per request, gateway {what}",
-                f"{gw.cpu_us_per_request(gw.server):.0f} µs",
-                f"bare Starlette {ref.cpu_us_per_request(ref.server):.0f} µs",
-                f"{ref.cpu_us_per_request(ref.server) / gw.cpu_us_per_request(gw.server):.3f}",
-                "reported (CPU-bound throughput ratio)",
-                None,
+        for build, key in _builds(results, name):
+            gw = results[key]
+            goals.append(
+                GoalRow(
+                    "Middleware",
+                    build,
+                    f"server CPU per request, gateway {what}",
+                    f"{gw.cpu_us_per_request(gw.server):.0f} µs",
+                    f"bare Starlette {ref.cpu_us_per_request(ref.server):.0f} µs",
+                    f"{ref.cpu_us_per_request(ref.server) / gw.cpu_us_per_request(gw.server):.3f}",
+                    "reported (CPU-bound throughput ratio)",
+                    None,
+                )
             )
-        )
-    delivered = results["gateway"]
-    events_per_s = [
-        e.get("events_delivered", 0.0) / r.seconds for e, r in zip(delivered.extras, delivered.runs, strict=True)
-    ]
-    pageviews = delivered.rps
+    compiled = len(_builds(results, "gateway")) > 1
     lines = [
         "## Middleware mode (loopback load)",
         "",
@@ -324,16 +395,29 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
         f"`[dispatch] queue_size = {macro.DELIVERING_QUEUE_SIZE}` and the spool off: the excess is dropped and "
         "counted, and the backlog left after each run is delivered (waited for) before the next run starts, so it "
         "never steals CPU from another configuration. *No destinations*: the event is built and handed to a "
-        "dispatcher without lanes, which isolates the request path from delivery.",
+        "dispatcher without lanes, which isolates the request path from delivery."
+        + (
+            " *(compiled)*: the same configuration served from the mypyc-compiled copy, in the same rounds "
+            "(its server process checked to have loaded the compiled modules)."
+            if compiled
+            else ""
+        ),
         "",
         *_summary_table(results, "starlette", ["collector"]),
         "",
-        f"Delivering configuration: {_fmt_median(events_per_s)} events/s reached the collector during the runs "
-        f"(one Plausible + one GA4 event per page view: {2 * pageviews:,.0f} events/s offered); the backlog took "
-        f"{_fmt_median([e.get('drain_seconds', 0.0) for e in delivered.extras], 1)} s to drain after a run. "
-        + _dispatch_totals(delivered.totals),
-        "",
     ]
+    for build, key in _builds(results, "gateway"):
+        delivered = results[key]
+        events_per_s = [
+            e.get("events_delivered", 0.0) / r.seconds for e, r in zip(delivered.extras, delivered.runs, strict=True)
+        ]
+        lines += [
+            f"Delivering configuration ({build}): {_fmt_median(events_per_s)} events/s reached the collector during "
+            f"the runs (one Plausible + one GA4 event per page view: {2 * delivered.rps:,.0f} events/s offered); the "
+            f"backlog took {_fmt_median([e.get('drain_seconds', 0.0) for e in delivered.extras], 1)} s to drain "
+            "after a run. " + _dispatch_totals(delivered.totals),
+            "",
+        ]
     return lines, goals
 
 
@@ -355,36 +439,48 @@ def _fmt_median(values: Sequence[float], digits: int = 0) -> str:
 
 
 def proxy_section(results: dict[str, Summary], mode: Mode) -> tuple[list[str], list[GoalRow]]:
-    gw, ref, naive, direct = results["gateway"], results["nginx-proxy"], results["naive"], results["direct"]
+    ref, naive, direct = results["nginx-proxy"], results["naive"], results["direct"]
+    builds = _builds(results, "gateway")
     goals = [
         GoalRow(
             "Proxy",
+            build,
             "throughput, `gateway serve`",
-            _rps(gw.rps),
+            _rps(results[key].rps),
             f"nginx proxy_pass {_rps(ref.rps)}",
-            f"{gw.rps / ref.rps:.3f}",
+            f"{results[key].rps / ref.rps:.3f}",
             f"≥ {PROXY_VS_NGINX_GOAL:.2f}",
-            gw.rps / ref.rps >= PROXY_VS_NGINX_GOAL,
-        ),
+            results[key].rps / ref.rps >= PROXY_VS_NGINX_GOAL,
+        )
+        for build, key in builds
+    ]
+    goals += [
         GoalRow(
             "Proxy",
+            build,
             "throughput, `gateway serve`",
-            _rps(gw.rps),
+            _rps(results[key].rps),
             f"naive httpx proxy {_rps(naive.rps)}",
-            f"{gw.rps / naive.rps:.1f}×",
+            f"{results[key].rps / naive.rps:.1f}×",
             f"≥ {PROXY_VS_NAIVE_GOAL:.0f}×",
-            gw.rps / naive.rps >= PROXY_VS_NAIVE_GOAL,
-        ),
+            results[key].rps / naive.rps >= PROXY_VS_NAIVE_GOAL,
+        )
+        for build, key in builds
+    ]
+    goals += [
         GoalRow(
             "Proxy",
+            build,
             "p99 latency, `gateway serve`",
-            f"{gw.p99_ms:.2f} ms",
+            f"{results[key].p99_ms:.2f} ms",
             f"nginx proxy_pass {ref.p99_ms:.2f} ms",
-            f"{gw.p99_ms / ref.p99_ms:.2f}×",
+            f"{results[key].p99_ms / ref.p99_ms:.2f}×",
             "reported",
             None,
-        ),
+        )
+        for build, key in builds
     ]
+    of_direct = "; ".join(f"{build} {results[key].rps / direct.rps:.3f}" for build, key in builds)
     lines = [
         "## Proxy mode (loopback load)",
         "",
@@ -393,9 +489,15 @@ def proxy_section(results: dict[str, Summary], mode: Mode) -> tuple[list[str], l
         "Upstream: nginx (1 worker) serving the 10 KB page as a static file. *nginx proxy_pass*: a second nginx "
         "(1 worker, `keepalive 64` upstream pool, HTTP/1.1). *gateway serve*: `python -m gateway serve --config X` "
         "(1 worker: privacy middleware with geo database, consent key and banner, plus the reverse proxy; access log "
-        "off; **no destinations**, so page-view events are built but not delivered). *naive*: Starlette + one shared "
-        "`httpx.AsyncClient`, streaming (`benchmarks/apps.py:naive_proxy_app`) under uvicorn. Same request "
-        f"headers and cookies as middleware mode. Upstream direct is {gw.rps / direct.rps:.3f} of the ceiling.",
+        "off; **no destinations**, so page-view events are built but not delivered)"
+        + (
+            "; *(compiled)*: the same, started in the mypyc-compiled copy (checked to have loaded the compiled modules)"
+            if len(builds) > 1
+            else ""
+        )
+        + ". *naive*: Starlette + one shared `httpx.AsyncClient`, streaming (`benchmarks/apps.py:naive_proxy_app`) "
+        "under uvicorn. Same request headers and cookies as middleware mode. `gateway serve` reaches this share of "
+        f"the upstream's direct throughput: {of_direct}.",
         "",
         *_summary_table(results, "nginx-proxy", ["nginx-upstream"]),
         "",
@@ -403,13 +505,14 @@ def proxy_section(results: dict[str, Summary], mode: Mode) -> tuple[list[str], l
     return lines, goals
 
 
-def run_dispatch(seconds: float, spool: bool) -> dict[str, Any]:
+def run_dispatch(seconds: float, spool: bool, cwd: Path = REPO) -> dict[str, Any]:
+    """bench_dispatch.py in a fresh process in the checkout ``cwd`` (this repository or a compiled copy)."""
     command = [
         sys.executable, "-m", "benchmarks.bench_dispatch", "--duration", str(seconds), "--spool",
         "on" if spool else "off", "--json",
     ]  # fmt: skip
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    env = subprocess_env({"PYTHONPATH": str(cwd)})
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench_dispatch failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -417,6 +520,7 @@ def run_dispatch(seconds: float, spool: bool) -> dict[str, Any]:
 
 
 def dispatch_section(results: Sequence[dict[str, Any]], mode: Mode) -> tuple[list[str], list[GoalRow]]:
+    """``results``: bench_dispatch's JSON per row, each with a ``build`` key added."""
     goals: list[GoalRow] = []
     lines = [
         "## Dispatcher (delivery to a local collector)",
@@ -424,62 +528,102 @@ def dispatch_section(results: Sequence[dict[str, Any]], mode: Mode) -> tuple[lis
         f"One Dispatcher with the real Plausible sink (1 event per request, default `[dispatch]` settings: "
         f"max_connections = {results[0]['senders']}, its default transport) delivering to a raw ASGI collector "
         f"(uvicorn, separate process, answers 202) for {mode.dispatch_seconds:g} s of offered load, the queue "
-        f"kept topped up to {results[0]['queue_depth_target']} events; uvloop; a fresh process per row. "
-        "CPU per event = this process's CPU time / delivered events (dispatcher, HTTP client, payload building, "
-        "and ~3 µs of event construction by the producer).",
+        f"kept topped up to {results[0]['queue_depth_target']} events; uvloop; a fresh process per row (for the "
+        "compiled build: in the compiled copy). CPU per event = this process's CPU time / delivered events "
+        "(dispatcher, HTTP client, payload building, and ~3 µs of event construction by the producer).",
         "",
-        "| spool | delivered | events/s | CPU µs/event | CPU use | collector CPU µs/event | peak RSS | "
+        "| build | spool | delivered | events/s | CPU µs/event | CPU use | collector CPU µs/event | peak RSS | "
         "RSS growth, 2nd half | blocks retained / 1,000 events | traced heap peak | not delivered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {'on' if r['spool'] else 'off'} | {r['delivered']:,} | {r['events_per_s']:,.0f} | "
+            f"| {r['build']} | {'on' if r['spool'] else 'off'} | {r['delivered']:,} | {r['events_per_s']:,.0f} | "
             f"{r['cpu_us_per_event']:,.0f} | {r['cpu_pct']:.0f}% | {r['collector_cpu_us_per_event']:,.0f} | "
             f"{r['peak_rss_mb']:.1f} MB | {r['rss_growth_second_half_mb']:+.2f} MB | "
             f"{r['blocks_growth_per_1000_events']:+.0f} | {r['traced_peak_mb']:.2f} MB | {r['not_delivered']} |"
         )
-    for r in results:
-        spool = "spool on" if r["spool"] else "spool off"
-        goals.append(
+    # Goal rows: per spool setting and figure, the builds next to each other.
+    for spool in (True, False):
+        rows = [r for r in results if r["spool"] == spool]
+        label = "spool on" if spool else "spool off"
+        goals += [
             GoalRow(
                 "Dispatcher",
-                f"delivered events/s per worker ({spool})",
+                r["build"],
+                f"delivered events/s per worker ({label})",
                 f"{r['events_per_s']:,.0f} /s",
                 "—",
                 "—",
                 f"≥ {DISPATCH_EVENTS_GOAL:,.0f} /s",
                 r["events_per_s"] >= DISPATCH_EVENTS_GOAL,
             )
-        )
-        goals.append(
+            for r in rows
+        ]
+        goals += [
             GoalRow(
                 "Dispatcher",
-                f"CPU per delivered event ({spool})",
+                r["build"],
+                f"CPU per delivered event ({label})",
                 f"{r['cpu_us_per_event']:,.0f} µs",
                 "—",
                 "—",
                 "reported",
                 None,
             )
-        )
-        bounded = (
-            r["rss_growth_second_half_mb"] <= BOUNDED_RSS_GROWTH_MB
-            and r["blocks_growth_per_1000_events"] <= BOUNDED_BLOCKS_PER_1000_EVENTS
-        )
-        goals.append(
+            for r in rows
+        ]
+        goals += [
             GoalRow(
                 "Dispatcher",
-                f"bounded memory ({spool})",
+                r["build"],
+                f"bounded memory ({label})",
                 f"RSS {r['rss_growth_second_half_mb']:+.2f} MB; "
                 f"{r['blocks_growth_per_1000_events']:+.0f} blocks retained / 1,000 events",
                 f"peak RSS {r['peak_rss_mb']:.0f} MB",
                 "—",
                 f"≤ {BOUNDED_RSS_GROWTH_MB:g} MB, ≤ {BOUNDED_BLOCKS_PER_1000_EVENTS:g} blocks",
-                bounded,
+                r["rss_growth_second_half_mb"] <= BOUNDED_RSS_GROWTH_MB
+                and r["blocks_growth_per_1000_events"] <= BOUNDED_BLOCKS_PER_1000_EVENTS,
             )
-        )
+            for r in rows
+        ]
     return [*lines, ""], goals
+
+
+def run_micro_compiled(
+    compiled: CompiledBuild, quick: bool, progress: Callable[[str], None]
+) -> list[micro.MicroFigure]:
+    """The micro benchmarks in the compiled copy (this process already imported the pure-Python gateway)."""
+    assert compiled.root is not None
+    command = [sys.executable, "-m", "benchmarks.micro", "--json", "--build", "compiled"]
+    command += ["--quick"] if quick else []
+    with tempfile.TemporaryFile() as stdout:
+        process = subprocess.Popen(
+            command,
+            cwd=compiled.root,
+            env=subprocess_env(compiled.env()),
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        assert process.stderr is not None
+        errors: list[str] = []
+        for line in process.stderr:  # progress lines, and the traceback if it fails
+            errors.append(line.rstrip())
+            if line.startswith("  "):
+                progress(f"  [compiled]{line.rstrip()[1:]}")
+        if process.wait(timeout=900) != 0:
+            raise RuntimeError(f"exit {process.returncode}: {errors[-1] if errors else 'no output'}")
+        stdout.seek(0)
+        output = json.loads(stdout.read().decode().strip().splitlines()[-1])
+    return [micro.MicroFigure(**figure) for figure in output["figures"]]
+
+
+def check_dispatch_build(result: Mapping[str, Any], build: BuildKind, compiled: CompiledBuild | None) -> None:
+    essential = ["gateway.dispatch"] if compiled is not None and "gateway.dispatch" in compiled.modules else []
+    require_build(build, result.get("compiled_modules", []), essential, f"bench_dispatch ({build})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -487,17 +631,28 @@ def dispatch_section(results: Sequence[dict[str, Any]], mode: Mode) -> tuple[lis
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _update_readme(goals_block: list[str]) -> bool:
+def _update_readme(readme: Path, goals_block: list[str]) -> bool:
+    """Replace the goals table between the markers of ``readme``; False when it has none."""
     try:
-        text = README.read_text(encoding="utf-8")
+        text = readme.read_text(encoding="utf-8")
     except OSError:
         return False
     start, end = text.find(MARK_START), text.find(MARK_END)
     if start == -1 or end < start:
         return False
     new = text[: start + len(MARK_START)] + "\n" + "\n".join(goals_block) + "\n" + text[end:]
-    README.write_text(new, encoding="utf-8")
+    readme.write_text(new, encoding="utf-8")
     return True
+
+
+def _builds_line(compiled: CompiledBuild | None, skipped: str) -> str:
+    if compiled is None or not compiled.available:
+        return f"Build: **pure Python** only; the compiled build was not measured ({skipped})."
+    return (
+        "Builds: **pure Python** (the default wheel) and **compiled** (the opt-in mypyc build, "
+        f"`HATCH_BUILD_HOOKS_ENABLE=1`, {len(compiled.modules)} request-path modules compiled), measured in the same "
+        "run against the same references."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -508,7 +663,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--skip-macro", action="store_true", help="skip the wrk/nginx load runs")
     parser.add_argument("--skip-dispatch", action="store_true")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/nginx")
-    parser.add_argument("--update-readme", action="store_true", help="copy the goals table into benchmarks/README.md")
+    parser.add_argument("--no-compiled", action="store_true", help="measure the pure-Python build only")
+    parser.add_argument(
+        "--compiled-dir",
+        type=Path,
+        help="build the compiled copy in this directory and keep it; reused when the sources are unchanged "
+        "(default: a temporary directory, removed at the end)",
+    )
+    parser.add_argument(
+        "--update-readme", action="store_true", help="copy the goals table into benchmarks/README.md and README.md"
+    )
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
     log: Callable[[str], None] = lambda text: print(text, flush=True)  # noqa: E731
@@ -530,58 +694,127 @@ def main(argv: Sequence[str] | None = None) -> None:
             notes.append(tools.note + ".")
             log(f"tools: {tools.note}")
 
-    if not args.skip_micro:
-        log("micro benchmarks ...")
-        figures = micro.run(quick=mode.micro_quick, progress=log)
-        sections["micro"], goal_rows["micro"] = micro_section(figures)
-        loads.append(f"after micro {_load()}")
+    with contextlib.ExitStack() as stack:
+        # The compiled copy first, so its CPU-heavy build overlaps no measurement.
+        compiled: CompiledBuild | None = None
+        skipped = "--no-compiled"
+        if not args.no_compiled:
+            log("compiled build (mypyc) ...")
+            compiled = stack.enter_context(compiled_build(args.compiled_dir, progress=log))
+            log(f"  {compiled.describe()}")
+            if not compiled.available:
+                skipped = compiled.note
+                notes.append(f"Compiled build skipped, only pure Python measured: {compiled.note}.")
+                compiled = None
+            loads.append(f"after the compiled build {_load()}")
 
-    if args.skip_macro:
-        notes.append("Load benchmarks skipped (--skip-macro).")
-    elif tools is None or tools.wrk is None:
-        notes.append("Middleware and proxy load benchmarks skipped: wrk is not available.")
-    else:
-        log("middleware mode under load ...")
-        middleware = macro.run_middleware(
-            tools.wrk, runs=mode.middleware_runs, seconds=mode.middleware_seconds, warmup=mode.warmup, progress=log
-        )
-        sections["middleware"], goal_rows["middleware"] = middleware_section(middleware, mode)
-        loads.append(f"after middleware {_load()}")
-        if tools.nginx is None:
-            notes.append("Proxy-mode load benchmark skipped: nginx is not available.")
+        def compiled_failed(what: str, exc: BaseException) -> None:
+            log(f"  {what} failed for the compiled build: {exc}")
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            notes.append(f"{what}: the compiled build failed ({reason}); its rows are missing.")
+
+        if not args.skip_micro:
+            log("micro benchmarks ...")
+            figures = {PURE: micro.run(quick=mode.micro_quick, progress=log, build=PURE)}
+            if compiled is not None:
+                log("micro benchmarks, compiled build (own process in the compiled copy) ...")
+                try:
+                    figures[COMPILED] = run_micro_compiled(compiled, mode.micro_quick, log)
+                except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+                    compiled_failed("Micro benchmarks", exc)
+            sections["micro"], goal_rows["micro"] = micro_section(figures)
+            loads.append(f"after micro {_load()}")
+
+        if args.skip_macro:
+            notes.append("Load benchmarks skipped (--skip-macro).")
+        elif tools is None or tools.wrk is None:
+            notes.append("Middleware and proxy load benchmarks skipped: wrk is not available.")
         else:
-            log("proxy mode under load ...")
-            proxy = bench_proxy.run(
-                tools.wrk,
-                tools.nginx,
-                runs=mode.proxy_runs,
-                seconds=mode.proxy_seconds,
-                warmup=mode.warmup,
-                progress=log,
-            )
-            sections["proxy"], goal_rows["proxy"] = proxy_section(proxy, mode)
-            loads.append(f"after proxy {_load()}")
+            wrk = tools.wrk
+            log("middleware mode under load ...")
 
-    if not args.skip_dispatch:
-        log("dispatcher ...")
-        dispatched = []
-        for spool in (True, False):
-            result = run_dispatch(mode.dispatch_seconds, spool)
-            log(
-                f"  spool {'on ' if spool else 'off'}: {result['events_per_s']:,.0f} events/s, "
-                f"{result['cpu_us_per_event']:,.0f} µs CPU/event, peak RSS {result['peak_rss_mb']:.1f} MB"
-            )
-            dispatched.append(result)
-        sections["dispatcher"], goal_rows["dispatcher"] = dispatch_section(dispatched, mode)
+            def middleware(with_compiled: CompiledBuild | None) -> dict[str, Summary]:
+                return macro.run_middleware(
+                    wrk,
+                    runs=mode.middleware_runs,
+                    seconds=mode.middleware_seconds,
+                    warmup=mode.warmup,
+                    compiled=with_compiled,
+                    progress=log,
+                )
+
+            try:
+                middleware_results = middleware(compiled)
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                if compiled is None:
+                    raise
+                compiled_failed("Middleware mode", exc)  # measure the pure-Python build all the same
+                middleware_results = middleware(None)
+            sections["middleware"], goal_rows["middleware"] = middleware_section(middleware_results, mode)
+            loads.append(f"after middleware {_load()}")
+            if tools.nginx is None:
+                notes.append("Proxy-mode load benchmark skipped: nginx is not available.")
+            else:
+                nginx = tools.nginx
+                log("proxy mode under load ...")
+
+                def proxy(with_compiled: CompiledBuild | None) -> dict[str, Summary]:
+                    return bench_proxy.run(
+                        wrk,
+                        nginx,
+                        runs=mode.proxy_runs,
+                        seconds=mode.proxy_seconds,
+                        warmup=mode.warmup,
+                        compiled=with_compiled,
+                        progress=log,
+                    )
+
+                try:
+                    proxy_results = proxy(compiled)
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    if compiled is None:
+                        raise
+                    compiled_failed("Proxy mode", exc)
+                    proxy_results = proxy(None)
+                sections["proxy"], goal_rows["proxy"] = proxy_section(proxy_results, mode)
+                loads.append(f"after proxy {_load()}")
+
+        if not args.skip_dispatch:
+            log("dispatcher ...")
+            dispatched = []
+            builds: list[tuple[BuildKind, Path]] = [(PURE, REPO)]
+            if compiled is not None and compiled.root is not None:
+                builds.append((COMPILED, compiled.root))
+            for build, checkout in builds:
+                try:
+                    rows = []
+                    for spool in (True, False):
+                        result = run_dispatch(mode.dispatch_seconds, spool, checkout)
+                        check_dispatch_build(result, build, compiled)
+                        log(
+                            f"  {build:<11} spool {'on ' if spool else 'off'}: {result['events_per_s']:,.0f} events/s, "
+                            f"{result['cpu_us_per_event']:,.0f} µs CPU/event, peak RSS {result['peak_rss_mb']:.1f} MB"
+                        )
+                        rows.append({**result, "build": build})
+                except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+                    if build == PURE:
+                        raise
+                    compiled_failed("Dispatcher", exc)
+                else:
+                    dispatched += rows
+            sections["dispatcher"], goal_rows["dispatcher"] = dispatch_section(dispatched, mode)
     loads.append(f"end {_load()}")
     goals = [row for area in ("middleware", "micro", "proxy", "dispatcher") for row in goal_rows.get(area, [])]
 
     finished = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    machine = machine_section(tools, started, finished, loads, compiled=compiled, skipped=skipped)
     minutes = (time.monotonic() - started_at) / 60
     title = "# Benchmark results" + (" (QUICK smoke run: too short to trust)" if args.quick else "")
     goals_block = [
         f"Measured {finished} ({mode.name} run, {minutes:.1f} min) on: {_cpu_model()}, {os.cpu_count()} CPUs, "
         f"{_python_build()}; load average {loads[0].removeprefix('start ')} at the start.",
+        "",
+        _builds_line(compiled, skipped),
         "",
         *_goal_table(goals),
     ]
@@ -598,13 +831,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         *goals_block,
         "",
         *(["Notes: " + " ".join(notes), ""] if notes else []),
-        *machine_section(tools, started, finished, loads),
+        *machine,
         *(line for area in order for line in sections.get(area, [])),
     ]
     args.output.write_text("\n".join(text).rstrip() + "\n", encoding="utf-8")
     log(f"wrote {args.output} ({minutes:.1f} min)")
     if args.update_readme:
-        log("updated benchmarks/README.md" if _update_readme(goals_block) else "README markers not found; not updated")
+        for readme in READMES:
+            name = readme.relative_to(REPO)
+            log(
+                f"updated {name}" if _update_readme(readme, goals_block) else f"{name}: no results markers; not updated"
+            )
     print("\n".join(_goal_table(goals)))
 
 
