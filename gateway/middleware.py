@@ -456,10 +456,13 @@ class _ResponseWatcher(BannerInjector):
 
 
 # PrivacyContext is a frozen dataclass: its generated __init__ sets each field through object.__setattr__ and costs
-# about twice as much as setting the slots directly, on every request. Build it the cheap way while it is a plain
-# slotted dataclass with exactly the fields listed here (same object, same values: the result compares equal); if
-# context.py ever changes that (other fields, a __post_init__), the real constructor is used instead.
+# about twice as much as setting the slots directly, on every request (compiled with mypyc it is still that Python
+# __init__, on a native class). Build it the cheap way while it is a slotted (or native) dataclass with exactly the
+# fields listed here (same object, same values: the result compares equal); if context.py ever changes that (other
+# fields, a __post_init__), the real constructor is used instead.
 _CONTEXT_FIELDS: Final = ("ip", "country", "granted", "choice_made", "gpc", "consent_id", "client_id")
+# Slots of a pure-Python class; attributes of a class compiled by mypyc.
+_FIELD_DESCRIPTORS: Final = (types.MemberDescriptorType, types.GetSetDescriptorType)
 ContextFactory = Callable[[str, str, frozenset[str], bool, bool, str, str], PrivacyContext]
 
 
@@ -468,11 +471,11 @@ def _context_factory() -> ContextFactory:
     plain = (
         tuple(f.name for f in dataclasses.fields(PrivacyContext)) == _CONTEXT_FIELDS
         and "__post_init__" not in namespace
-        and all(isinstance(namespace.get(name), types.MemberDescriptorType) for name in _CONTEXT_FIELDS)
+        and all(isinstance(namespace.get(name), _FIELD_DESCRIPTORS) for name in _CONTEXT_FIELDS)
     )
-    if not plain:  # compiled with mypyc (a native class, already cheap to build), or gateway.context changed
+    if not plain:  # pragma: no cover - only if gateway.context changes
         return PrivacyContext
-    new = object.__new__
+    new = PrivacyContext.__new__  # object.__new__ refuses a native (compiled) class
     set_ip, set_country, set_granted, set_choice_made, set_gpc, set_consent_id, set_client_id = (
         namespace[name].__set__ for name in _CONTEXT_FIELDS
     )

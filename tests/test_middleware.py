@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from collections.abc import AsyncIterator, Callable
@@ -308,3 +309,15 @@ async def test_request_data_does_not_leak_between_requests(recorder: Recorder) -
     assert b["privacy"].granted == frozenset()
     assert b["client"] == ("2001:db8:9::", 0)
     assert not any(isinstance(v, str) and "198.51.100" in v for v in attribute_values(gateway))
+
+
+def test_the_fast_context_constructor_builds_the_same_frozen_context() -> None:
+    from gateway.middleware import _new_context
+
+    args = ("198.51.100.0", "GB", frozenset({"analytics"}), True, False, "consent-id", "client-id")
+    fast = _new_context(*args)
+    assert type(fast) is PrivacyContext
+    assert fast == PrivacyContext(*args)
+    assert _new_context is not PrivacyContext  # the fast path is in use (pure and compiled builds alike)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.ip = "198.51.100.77"  # type: ignore[misc]
