@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import Final
+from typing import Any, Final, TypeAlias, cast
 from urllib.parse import quote, urlsplit
 
 from starlette.types import Message, Receive, Scope, Send
@@ -70,6 +70,12 @@ FORWARDING_HEADERS: Final = frozenset(n for n in CLIENT_ADDRESS_HEADERS if not n
 # (https://privacycg.github.io/gpc-spec/#the-sec-gpc-header-field-for-http-requests).
 _PROTECTED_HEADERS: Final = frozenset({b"sec-gpc"})
 
+# A header field as the proxy passes it along. Typed as a variable-length tuple on purpose: compiled, a
+# ``tuple[bytes, bytes]`` is unpacked into a C struct, and appending it to another list would allocate a new tuple
+# for every field; a ``tuple[bytes, ...]`` stays the very object the server (or the upstream client) made.
+_Field: TypeAlias = tuple[bytes, ...]
+
+
 # How each request header name is treated; names seen at runtime are memoised (bounded) in _REQUEST_KIND.
 _FORWARD, _DROP, _HOST, _CONNECTION, _CONTENT_LENGTH, _TRANSFER_ENCODING = range(6)
 _REQUEST_KIND: dict[bytes, int] = {name: _DROP for name in HOP_BY_HOP_HEADERS | FORWARDING_HEADERS}
@@ -93,9 +99,13 @@ _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 _PATH_SAFE_DECODED: Final = "/!$&'()*+,;=:@-._~"
 _PATH_SAFE: Final = _PATH_SAFE_DECODED + "%"
 _CLIENT_ADDRESS = re.compile(r"[0-9A-Fa-f.:]{2,45}")
-_SCHEMES: Final = {"http": b"http", "https": b"https"}
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 _STREAMED_VERSIONS: Final = frozenset({"1.0", "1.1"})
+
+_FORWARDED_PROTO: Final[dict[str, _Field]] = {
+    "http": (b"x-forwarded-proto", b"http"),
+    "https": (b"x-forwarded-proto", b"https"),
+}
 
 _MSG_BROKEN_BODY: Final = "malformed response body from the upstream"
 _TEXT_HEADERS: Final = (b"content-type", b"text/plain; charset=utf-8")
@@ -111,19 +121,20 @@ def _kind(name: bytes) -> int:
     return kind
 
 
-_ADDRESS_CACHE: dict[str, bytes | None] = {}
+_ADDRESS_CACHE: dict[str, _Field | None] = {}
 
 
-def _forwarded_for(address: str) -> bytes | None:
-    """The X-Forwarded-For value for a (truncated) client address; None if it does not look like an IP.
+def _forwarded_for(address: str) -> _Field | None:
+    """The X-Forwarded-For field for a (truncated) client address; None if it does not look like an IP.
 
-    Memoised: truncated addresses repeat constantly, and this runs on every request.
+    Memoised (the whole field, so nothing is allocated): truncated addresses repeat constantly, and this runs on
+    every request.
     """
     try:
         return _ADDRESS_CACHE[address]
     except KeyError:
         pass
-    value = address.encode("ascii") if _CLIENT_ADDRESS.fullmatch(address) else None
+    value: _Field | None = (b"x-forwarded-for", address.encode("ascii")) if _CLIENT_ADDRESS.fullmatch(address) else None
     if len(_ADDRESS_CACHE) >= _REQUEST_KIND_LIMIT:
         _ADDRESS_CACHE.clear()
     _ADDRESS_CACHE[address] = value
@@ -134,6 +145,14 @@ def _connection_tokens(values: list[bytes]) -> set[bytes]:
     """Header names listed in Connection that still need removing (hop-by-hop ones are removed anyway)."""
     tokens = {token.strip().lower() for value in values for token in value.split(b",")}
     return tokens - HOP_BY_HOP_HEADERS - _PROTECTED_HEADERS
+
+
+class _Refused(Exception):
+    """The request is answered here (``messages``) instead of being relayed."""
+
+    def __init__(self, messages: tuple[Message, Message]) -> None:
+        super().__init__()
+        self.messages = messages
 
 
 class _ClientDisconnected(Exception):
@@ -278,83 +297,21 @@ class ReverseProxy:
                 return
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The http path is inline (not a helper coroutine): every awaited frame costs on each request.
+        # The http path is inline (not a helper coroutine): every awaited frame costs on each request. What does
+        # not await runs in plain functions instead, whose locals (compiled) are C variables rather than fields of
+        # the coroutine object.
         if scope["type"] != "http":
             await self._other(scope, receive, send)
             return
-        method = _METHOD_BYTES.get(scope["method"])
-        if method is None:
-            await _answer(send, _BAD_METHOD)
+        try:
+            method, target, fields, host, content_length, has_body = self._outbound(
+                scope if isinstance(scope, dict) else dict(scope)
+            )
+        except _Refused as refused:
+            await _answer(send, refused.messages)
             return
-        raw_path: bytes | None = scope.get("raw_path")
-        if raw_path is None:
-            raw_path = quote(scope["path"], safe=_PATH_SAFE_DECODED).encode("ascii")
-        # Origin-form only (RFC 9112 §3.2.1). "OPTIONS *" (asterisk-form), an absolute-form target (h11 passes it
-        # through as the path, security.md P5) and "//host/x" (a scheme-relative URL to naive URL joiners) stop here.
-        if not raw_path.startswith(b"/") or raw_path.startswith(b"//"):
-            await _answer(send, _BAD_TARGET)
-            return
-        query: bytes = scope["query_string"]
-        target = self._prefix + raw_path if self._prefix else raw_path
-        if query:
-            target += b"?" + query
-
-        headers: list[tuple[bytes, bytes]] = []
-        host: bytes | None = None
-        connection: list[bytes] | None = None
-        content_length: bytes | None = None
-        transfer_encoding: bytes | None = None
-        kinds = _REQUEST_KIND
-        for field in scope["headers"]:
-            name, value = field
-            kind = kinds.get(name)
-            if kind is None:
-                kind = _kind(name)
-            if kind == _FORWARD:
-                headers.append(field)
-            elif kind == _HOST:
-                host = value
-            elif kind == _CONNECTION:
-                if connection is None:
-                    connection = []
-                connection.append(value)
-            elif kind == _CONTENT_LENGTH:
-                content_length = value
-            elif kind == _TRANSFER_ENCODING:
-                transfer_encoding = value
-        if connection is not None:
-            named = _connection_tokens(connection)
-            if named:
-                headers = [(name, value) for name, value in headers if name not in named]
-
-        client = scope.get("client")
-        if client:
-            address = _forwarded_for(client[0])
-            if address is not None:
-                headers.append((b"x-forwarded-for", address))
-        scheme = _SCHEMES.get(scope.get("scheme", "http"))
-        if scheme is not None:
-            headers.append((b"x-forwarded-proto", scheme))
-        if host is not None:
-            headers.append((b"x-forwarded-host", host))
-        upstream_host = host if self._preserve_host and host is not None else self._upstream_host
-
         body: bytes | _RequestBody | None = None
-        declared_length: int | None = None
-        if (
-            content_length is not None
-            or transfer_encoding is not None
-            or (scope.get("http_version", "1.1") not in _STREAMED_VERSIONS)
-        ):
-            if content_length is not None:
-                if transfer_encoding is not None:
-                    # RFC 9112 §6.1: such a message "ought to be handled as an error"; h11 would let TE win.
-                    await _answer(send, _BAD_FRAMING)
-                    return
-                if not content_length.isdigit():
-                    await _answer(send, _BAD_FRAMING)
-                    return
-                declared_length = int(content_length)
+        if has_body:
             message = await receive()
             if message["type"] != "http.request":
                 return  # the visitor is gone
@@ -363,14 +320,21 @@ class ReverseProxy:
 
         try:
             response = await self._client.request(
-                method, target, headers, host=upstream_host, body=body, content_length=declared_length
+                method,
+                target,
+                cast("list[tuple[bytes, bytes]]", fields),
+                host=host,
+                body=body,
+                content_length=content_length,
             )
-        except UpstreamTimeout as exc:
-            logger.warning("upstream timeout: %s", exc)
+        # Distinct names per handler: compiled, one name has one type, so a shared "exc" would be typed
+        # UpstreamTimeout and the second handler would fail with a TypeError on any other UpstreamError.
+        except UpstreamTimeout as timeout:
+            logger.warning("upstream timeout: %s", timeout)
             await _answer(send, _GATEWAY_TIMEOUT)
             return
-        except UpstreamError as exc:
-            logger.warning("upstream error: %s", exc)
+        except UpstreamError as error:
+            logger.warning("upstream error: %s", error)
             await _answer(send, _BAD_GATEWAY)
             return
         except _ClientDisconnected:
@@ -381,34 +345,135 @@ class ReverseProxy:
             return
 
         try:
-            status = response.status
-            headers, has_length = _response_headers(response.headers)
             if response.complete:
                 # Common case: the whole (small) response arrived with its head. One body message, and a
                 # Content-Length instead of chunked framing when the upstream had chunked it.
-                body = response.read_complete()
-                if not has_length and method != b"HEAD" and status not in _NO_BODY_STATUSES:
-                    headers.append((b"content-length", str(len(body)).encode("ascii")))
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                start, last = _complete_response(response, method == b"HEAD")
+                await send(start)
+                await send(last)
             elif response.failed:
                 # Broken in the same packet as the head: nothing was sent yet, so the visitor still gets a 502.
                 logger.warning("upstream error: %s", _MSG_BROKEN_BODY)
                 await _answer(send, _BAD_GATEWAY)
             else:
-                await send({"type": "http.response.start", "status": status, "headers": headers})
+                headers, _ = _response_headers(response.headers)
+                await send({"type": "http.response.start", "status": response.status, "headers": headers})
                 await _stream_body(response, receive, send)
         finally:
             response.close()
 
+    def _outbound(self, scope: dict[str, Any]) -> tuple[bytes, bytes, list[_Field], bytes, int | None, bool]:
+        """What to send upstream: method, target, header fields, Host, declared body length, whether a body follows.
 
-def _response_headers(upstream_headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
+        Raises :class:`_Refused` for a request that must not be relayed. A plain tuple rather than an object:
+        compiled, it is returned as a C struct, without an allocation.
+        """
+        method = _METHOD_BYTES.get(scope["method"])
+        if method is None:
+            raise _Refused(_BAD_METHOD)
+        raw_path: bytes | None = scope.get("raw_path")
+        if raw_path is None:
+            raw_path = quote(scope["path"], safe=_PATH_SAFE_DECODED).encode("ascii")
+        # Origin-form only (RFC 9112 §3.2.1). "OPTIONS *" (asterisk-form), an absolute-form target (h11 passes it
+        # through as the path, security.md P5) and "//host/x" (a scheme-relative URL to naive URL joiners) stop here.
+        if not raw_path.startswith(b"/") or raw_path.startswith(b"//"):
+            raise _Refused(_BAD_TARGET)
+        target = self._prefix + raw_path if self._prefix else raw_path
+        query: bytes = scope["query_string"]
+        if query:
+            target = b"".join((target, b"?", query))
+
+        raw_fields = scope["headers"]
+        try:
+            fields, host, connection, content_length, transfer_encoding = _split_fields(raw_fields)
+        except TypeError:
+            # Not a list of (bytes, bytes) tuples: ASGI allows any iterable of pairs, and compiled code checks types.
+            pairs: list[_Field] = [(bytes(name), bytes(value)) for name, value in raw_fields]
+            fields, host, connection, content_length, transfer_encoding = _split_fields(pairs)
+        if connection is not None:
+            named = _connection_tokens(connection)
+            if named:
+                fields = [field for field in fields if field[0] not in named]
+
+        client = scope.get("client")
+        if client:
+            forwarded_for = _forwarded_for(client[0])
+            if forwarded_for is not None:
+                fields.append(forwarded_for)
+        proto = _FORWARDED_PROTO.get(scope.get("scheme", "http"))
+        if proto is not None:
+            fields.append(proto)
+        if host is not None:
+            fields.append((b"x-forwarded-host", host))
+
+        declared_length: int | None = None
+        has_body = (
+            content_length is not None
+            or transfer_encoding is not None
+            or scope.get("http_version", "1.1") not in _STREAMED_VERSIONS
+        )
+        if content_length is not None:
+            # RFC 9112 §6.1: CL together with TE "ought to be handled as an error"; h11 would let TE win.
+            if transfer_encoding is not None or not content_length.isdigit():
+                raise _Refused(_BAD_FRAMING)
+            declared_length = int(content_length)
+        upstream_host = host if self._preserve_host and host is not None else self._upstream_host
+        return method, target, fields, upstream_host, declared_length, has_body
+
+
+def _split_fields(
+    raw: list[_Field],
+) -> tuple[list[_Field], bytes | None, list[bytes] | None, bytes | None, bytes | None]:
+    """One pass over the request's header fields: (fields to forward, Host, Connection values, CL, TE)."""
+    fields: list[_Field] = []
+    host: bytes | None = None
+    connection: list[bytes] | None = None
+    content_length: bytes | None = None
+    transfer_encoding: bytes | None = None
+    kinds = _REQUEST_KIND
+    for field in raw:
+        name = field[0]
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _kind(name)
+        if kind == _FORWARD:
+            fields.append(field)
+        elif kind == _DROP:
+            pass
+        elif kind == _HOST:
+            host = field[1]
+        elif kind == _CONNECTION:
+            if connection is None:
+                connection = [field[1]]
+            else:
+                connection.append(field[1])
+        elif kind == _CONTENT_LENGTH:
+            content_length = field[1]
+        elif kind == _TRANSFER_ENCODING:
+            transfer_encoding = field[1]
+    return fields, host, connection, content_length, transfer_encoding
+
+
+def _complete_response(response: UpstreamResponse, head_request: bool) -> tuple[Message, Message]:
+    """The two ASGI messages for a response whose body has arrived completely; frees the upstream connection."""
+    status = response.status
+    headers, has_length = _response_headers(response.headers)
+    body = response.read_complete()
+    if not has_length and not head_request and status not in _NO_BODY_STATUSES:
+        headers.append((b"content-length", str(len(body)).encode("ascii")))
+    return (
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    )
+
+
+def _response_headers(upstream_headers: list[tuple[bytes, bytes]]) -> tuple[list[_Field], bool]:
     """The upstream's header fields minus hop-by-hop ones, and whether Content-Length is among them."""
-    headers: list[tuple[bytes, bytes]] = []
+    headers: list[_Field] = []
     connection: list[bytes] | None = None
     has_length = False
     kinds = _RESPONSE_KIND
-    for field in upstream_headers:
+    for field in cast("list[_Field]", upstream_headers):  # the tuples themselves, see _Field
         kind = kinds.get(field[0])
         if kind is None:
             headers.append(field)
@@ -417,13 +482,14 @@ def _response_headers(upstream_headers: list[tuple[bytes, bytes]]) -> tuple[list
             headers.append(field)
         elif kind == _CONNECTION:
             if connection is None:
-                connection = []
-            connection.append(field[1])
+                connection = [field[1]]
+            else:
+                connection.append(field[1])
     # "Connection: keep-alive" (or close) names only hop-by-hop headers; skip the token parsing for it.
     if connection is not None and (len(connection) > 1 or connection[0].lower() not in _PLAIN_CONNECTION):
         named = _connection_tokens(connection)
         if named:
-            headers = [(name, value) for name, value in headers if name not in named]
+            headers = [field for field in headers if field[0] not in named]
     return headers, has_length
 
 

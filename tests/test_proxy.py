@@ -494,6 +494,21 @@ async def test_upstream_base_path_is_a_prefix(
     assert upstream.seen[-1].target == prefix + b"/x/y?z=1"
 
 
+@pytest.mark.parametrize("shape", [list, tuple], ids=["lists", "tuples-in-a-tuple"])
+async def test_headers_as_any_iterable_of_pairs(
+    make_proxy: ProxyFactory, upstream: Upstream, shape: Callable[[list[bytes]], Any]
+) -> None:
+    """ASGI allows any iterable of [name, value] pairs; the compiled proxy's fast path expects a list of tuples."""
+    proxy, _ = await make_proxy()
+    raw = [[b"host", b"www.example.org"], [b"x-kept", b"yes"], [b"x-forwarded-for", b"198.51.100.77"]]
+    status, body, _ = await call(proxy, headers=shape([shape(pair) for pair in raw]))
+    assert (status, body) == (200, b"ok from upstream")
+    seen = upstream.seen[-1]
+    assert seen.header(b"x-kept") == b"yes"
+    assert seen.header(b"x-forwarded-for") == VISITOR_IP.encode()
+    assert seen.header(b"x-forwarded-host") == b"www.example.org"
+
+
 async def test_scope_without_raw_path(make_proxy: ProxyFactory, upstream: Upstream) -> None:
     proxy, _ = await make_proxy()
     status, _, _ = await call(proxy, raw_path=None, path="/caf\u00e9 menu/a%b")

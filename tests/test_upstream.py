@@ -708,6 +708,65 @@ async def test_unsafe_requests_are_refused_before_sending(
     assert server.connections == 0
 
 
+@pytest.mark.parametrize("host", [b"evil\r\nInjected: 1", b"evil\nx", b"evil\rx", b"ev\x00il"])
+async def test_unsafe_host_is_refused_before_sending(closing: list[UpstreamClient], host: bytes) -> None:
+    async with serve(responder(OK_HELLO)) as server:
+        client = client_for(server)
+        closing.append(client)
+        with pytest.raises(ValueError):
+            await client.request(b"GET", b"/", [(b"x-a", b"fine")], host=host)
+    assert server.connections == 0
+
+
+async def test_field_values_travel_byte_for_byte(closing: list[UpstreamClient]) -> None:
+    """Only CR, LF and NUL are refused: HTAB, obs-text and every other byte of a field value pass untouched."""
+    record = Server(0)
+    values = [b"caf\xe9\tau lait", bytes(range(0x80, 0x100)), b"a \t b", b"\x7f\x01\x1f"]
+    headers = [(b"x-%d" % i, value) for i, value in enumerate(values)]
+    async with serve(responder(OK_HELLO, record=record)) as server:
+        client = client_for(server)
+        closing.append(client)
+        await read_all(await client.request(b"GET", b"/", headers))
+    (request,) = record.requests
+    lines = request.head.split(b"\r\n")[2:]  # after the request line and Host
+    assert lines == [b"x-%d: %s" % (i, value) for i, value in enumerate(values)]
+
+
+async def test_response_field_names_are_lower_cased(closing: list[UpstreamClient]) -> None:
+    # Common names (looked up), unusual ones (lower-cased, then remembered) and odd spellings of common ones.
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Unusual-Header: 1\r\nCONTENT-LANGUAGE: de\r\n"
+        b'etag: "x"\r\nx-unusual-header: 2\r\nContent-Length: 2\r\n\r\nok'
+    )
+    expected = [
+        (b"content-type", b"text/plain"),
+        (b"x-unusual-header", b"1"),
+        (b"content-language", b"de"),
+        (b"etag", b'"x"'),
+        (b"x-unusual-header", b"2"),
+        (b"content-length", b"2"),
+    ]
+    async with serve(responder(raw, raw)) as server:
+        client = client_for(server)
+        closing.append(client)
+        for _ in range(2):  # the second time the unusual name is a remembered one
+            response, body = await fetch(client)
+            assert (response.headers, body) == (expected, b"ok")
+
+
+async def test_remembered_field_names_are_bounded(closing: list[UpstreamClient]) -> None:
+    from gateway import upstream as module
+
+    names = [b"X-Bounded-%04d" % i for i in range(1500)]
+    raw = b"HTTP/1.1 200 OK\r\n" + b"".join(name + b": v\r\n" for name in names) + b"Content-Length: 0\r\n\r\n"
+    async with serve(responder(raw)) as server:
+        client = client_for(server)
+        closing.append(client)
+        response, _ = await fetch(client)
+    assert [name for name, _ in response.headers[:-1]] == [name.lower() for name in names]
+    assert len(module._FIELD_NAMES) <= module._FIELD_NAMES_LIMIT
+
+
 async def test_custom_host_header(closing: list[UpstreamClient]) -> None:
     record = Server(0)
     async with serve(responder(OK_HELLO, record=record)) as server:
@@ -768,6 +827,33 @@ async def test_early_response_stops_the_upload(closing: list[UpstreamClient]) ->
         assert (response.status, body) == (413, b"too big\n")
         assert sent < 32 * 1024 * 1024  # stopped well before the end
         assert client.idle_connections == 0  # mid-request: never reused
+
+
+async def test_abandoned_upload_does_not_linger(closing: list[UpstreamClient]) -> None:
+    """Request bytes still queued when the exchange ends are dropped, not kept for a peer that will never read."""
+
+    async def answers_without_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.3)  # meanwhile the client fills the socket buffers and has to queue the rest
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async def big_body() -> AsyncIterator[bytes]:
+        chunk = b"x" * 65536
+        for _ in range(1024):
+            yield chunk
+
+    async with serve(answers_without_reading) as server:
+        client = client_for(server)
+        closing.append(client)
+        response, body = await fetch(client, b"POST", body=big_body())
+        assert (response.status, body) == (413, b"too big\n")
+        for _ in range(100):
+            if client.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert client.open_connections == 0
 
 
 async def test_download_is_buffered_boundedly(closing: list[UpstreamClient]) -> None:
