@@ -46,7 +46,7 @@ from benchmarks.common import (
     to_toml,
     write_wrk_script,
 )
-from benchmarks.compiled import COMPILED, PURE, CompiledBuild, check_process, compiled_build
+from benchmarks.compiled import COMPILED, PURE, CompiledBuild, check_process, compiled_build_if_asked
 from benchmarks.macro import (
     REPO,
     Config,
@@ -192,10 +192,7 @@ def main() -> None:
     if tools.wrk is None or tools.nginx is None:
         sys.exit(f"bench_proxy needs wrk and nginx: {tools.note}")
     with contextlib.ExitStack() as stack:
-        compiled = None
-        if args.compiled or args.compiled_dir:
-            compiled = stack.enter_context(compiled_build(args.compiled_dir, progress=_stderr))
-            _stderr(f"compiled build: {compiled.describe()}")
+        compiled = compiled_build_if_asked(stack, args.compiled, args.compiled_dir, _stderr)
         results = run(
             tools.wrk,
             tools.nginx,

@@ -46,6 +46,7 @@ __all__ = [
     "build",
     "check_process",
     "compiled_build",
+    "compiled_build_if_asked",
     "loaded_extension_modules",
     "mapped_extension_modules",
     "require_build",
@@ -415,6 +416,17 @@ def compiled_build(
         return
     with tempfile.TemporaryDirectory(prefix="bench-compiled-") as tmp:
         yield build(Path(tmp), repo, progress=progress, reuse=False)
+
+
+def compiled_build_if_asked(
+    stack: contextlib.ExitStack, wanted: bool, directory: Path | None, progress: Callable[[str], None]
+) -> CompiledBuild | None:
+    """For a section's own command line (``--compiled`` / ``--compiled-dir``): the build, kept open on ``stack``."""
+    if not (wanted or directory):
+        return None
+    result = stack.enter_context(compiled_build(directory, progress=progress))
+    progress(f"compiled build: {result.describe()}")
+    return result
 
 
 def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -53,7 +53,7 @@ from benchmarks.common import (
     to_toml,
     write_wrk_script,
 )
-from benchmarks.compiled import COMPILED, PURE, BuildKind, CompiledBuild, check_process, compiled_build
+from benchmarks.compiled import COMPILED, PURE, BuildKind, CompiledBuild, check_process, compiled_build_if_asked
 
 __all__ = [
     "Config",
@@ -715,10 +715,7 @@ def main() -> None:
     if tools.wrk is None:
         sys.exit(f"wrk is required: {tools.note}")
     with contextlib.ExitStack() as stack:
-        compiled = None
-        if args.compiled or args.compiled_dir:
-            compiled = stack.enter_context(compiled_build(args.compiled_dir, progress=_stderr))
-            _stderr(f"compiled build: {compiled.describe()}")
+        compiled = compiled_build_if_asked(stack, args.compiled, args.compiled_dir, _stderr)
         results = run_middleware(
             tools.wrk, runs=args.runs, seconds=args.duration, warmup=args.warmup, compiled=compiled, progress=_stderr
         )

@@ -713,6 +713,18 @@ def main(argv: Sequence[str] | None = None) -> None:
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
             notes.append(f"{what}: the compiled build failed ({reason}); its rows are missing.")
 
+        def with_pure_fallback(
+            what: str, measure: Callable[[CompiledBuild | None], dict[str, Summary]]
+        ) -> dict[str, Summary]:
+            """Both builds; if the compiled one fails, the section is measured for the pure build all the same."""
+            try:
+                return measure(compiled)
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                if compiled is None:
+                    raise
+                compiled_failed(what, exc)
+                return measure(None)
+
         if not args.skip_micro:
             log("micro benchmarks ...")
             figures = {PURE: micro.run(quick=mode.micro_quick, progress=log, build=PURE)}
@@ -743,13 +755,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     progress=log,
                 )
 
-            try:
-                middleware_results = middleware(compiled)
-            except (OSError, RuntimeError, TimeoutError) as exc:
-                if compiled is None:
-                    raise
-                compiled_failed("Middleware mode", exc)  # measure the pure-Python build all the same
-                middleware_results = middleware(None)
+            middleware_results = with_pure_fallback("Middleware mode", middleware)
             sections["middleware"], goal_rows["middleware"] = middleware_section(middleware_results, mode)
             loads.append(f"after middleware {_load()}")
             if tools.nginx is None:
@@ -769,13 +775,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         progress=log,
                     )
 
-                try:
-                    proxy_results = proxy(compiled)
-                except (OSError, RuntimeError, TimeoutError) as exc:
-                    if compiled is None:
-                        raise
-                    compiled_failed("Proxy mode", exc)
-                    proxy_results = proxy(None)
+                proxy_results = with_pure_fallback("Proxy mode", proxy)
                 sections["proxy"], goal_rows["proxy"] = proxy_section(proxy_results, mode)
                 loads.append(f"after proxy {_load()}")
 
