@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["demo_site"]
+__all__ = ["answer_lifespan", "demo_site"]
 
 # path -> (fragment file, <title>)
 _PAGES = {
@@ -30,6 +30,17 @@ _STYLESHEET_PATH = "/static/style.css"
 _MAX_QUERY_CHARS = 200  # longer queries are cut before they are echoed or searched
 _TAG = re.compile(r"<[^>]+>")
 _HTML = b"text/html; charset=utf-8"
+
+
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """The ASGI lifespan protocol for an app with nothing to start or stop: acknowledge both, return at shutdown."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +106,8 @@ class _DemoSite:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await answer_lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         method = scope["method"]

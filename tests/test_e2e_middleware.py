@@ -43,25 +43,17 @@ def canary_headers(ip: str) -> dict[str, str]:
     return headers
 
 
+def echo_server_args(port: int, *extra: str) -> list[str]:
+    """uvicorn serving tests.apps.echo behind the gateway on 127.0.0.1:port, without uvicorn's own XFF handling."""
+    return ["uvicorn", "--factory", "tests.apps.echo:gateway_echo", "--host", "127.0.0.1", "--port", str(port),
+            "--no-proxy-headers", *extra]  # fmt: skip
+
 @pytest.mark.parametrize("access_log", [True, False], ids=["uvicorn-access-log", "no-access-log"])
 def test_canary_ip_never_reaches_app_or_logs(tmp_path: Path, access_log: bool) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(CONFIG)
     port = free_port()
-    args = [
-        "uvicorn",
-        "--factory",
-        "tests.apps.echo:gateway_echo",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-proxy-headers",
-        "--log-level",
-        "info",
-    ]
-    if not access_log:
-        args.append("--no-access-log")
+    args = echo_server_args(port, "--log-level", "info", *(() if access_log else ("--no-access-log",)))
     with run_server(args, port, tmp_path / "server.log", env={"ECHO_GATEWAY_CONFIG": str(config)}) as server:
         reports = []
         with httpx.Client(base_url=server.url, trust_env=False) as client:
@@ -91,17 +83,7 @@ def test_untrusted_peer_cannot_spoof(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text("[consent]\nreceipts = ''\n[spool]\nenabled = false\n")  # nobody trusted
     port = free_port()
-    args = [
-        "uvicorn",
-        "--factory",
-        "tests.apps.echo:gateway_echo",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-proxy-headers",
-        "--no-access-log",
-    ]
+    args = echo_server_args(port, "--no-access-log")
     with run_server(args, port, tmp_path / "server.log", env={"ECHO_GATEWAY_CONFIG": str(config)}) as server:
         report = httpx.get(f"{server.url}/", headers=canary_headers(CANARY_V4), trust_env=False).json()
     assert report["client"] == ["127.0.0.0", 0]

@@ -10,17 +10,13 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import PrivacyGateway, load_settings
 from gateway.context import STATE_KEY
+from gateway.demo import answer_lifespan
 
 
 async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     assert scope["type"] == "http"
     privacy = scope.get("state", {}).get(STATE_KEY)
     report = {

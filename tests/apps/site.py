@@ -13,6 +13,7 @@ from typing import Final
 from starlette.types import Receive, Scope, Send
 
 from gateway import PrivacyGateway, load_settings
+from gateway.demo import answer_lifespan
 
 __all__ = ["CSP", "PAGES", "app", "site_app"]
 
@@ -140,13 +141,8 @@ STATIC: Final = {
 
 async def site_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     path: str = scope["path"]

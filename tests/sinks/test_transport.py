@@ -188,18 +188,27 @@ async def test_ga4_request_carries_path_query_and_nothing_else() -> None:
     assert sink.classify(response).outcome is Outcome.DELIVERED
 
 
+async def deliver(sink: Sink, settings: DispatchSettings, events: list[Event]) -> Dispatcher:
+    """Run a dispatcher (no spool) with ``sink`` until ``events`` are all finished one way or another; stopped."""
+    dispatcher = Dispatcher([sink], settings, SpoolSettings(enabled=False))
+    await dispatcher.start()
+    try:
+        for event in events:
+            dispatcher.submit(event)
+        assert await dispatcher.wait_idle(5.0)
+    finally:
+        await dispatcher.stop()
+    return dispatcher
+
+
 async def test_cookies_set_by_a_destination_are_never_sent_back() -> None:
     answer = b"HTTP/1.1 202 Accepted\r\nset-cookie: track=me; Path=/\r\ncontent-length: 0\r\n\r\n"
     async with raw_destination(lambda _: answer) as dest:
-        sink = sinks_for(dest.url)["plausible"]
-        dispatcher = Dispatcher([sink], DispatchSettings(flush_interval=0.02), SpoolSettings(enabled=False))
-        await dispatcher.start()
-        try:
-            for index in range(3):
-                dispatcher.submit(fresh_event(event_id=f"ev-{index}"))
-            assert await dispatcher.wait_idle(5.0)
-        finally:
-            await dispatcher.stop()
+        dispatcher = await deliver(
+            sinks_for(dest.url)["plausible"],
+            DispatchSettings(flush_interval=0.02),
+            [fresh_event(event_id=f"ev-{index}") for index in range(3)],
+        )
     assert len(dest.requests) == 3
     assert all(b"cookie" not in request.lower().split(b"\r\n\r\n")[0] for request in dest.requests)
     assert dispatcher.stats()["plausible"]["delivered"] == 3
@@ -468,15 +477,11 @@ def fast_settings(**changes: float) -> DispatchSettings:
 
 async def test_dispatcher_delivers_over_keep_alive() -> None:
     async with raw_destination() as dest:
-        sink = sinks_for(dest.url)["plausible"]
-        dispatcher = Dispatcher([sink], fast_settings(max_connections=1), SpoolSettings(enabled=False))
-        await dispatcher.start()
-        try:
-            for index in range(20):
-                dispatcher.submit(fresh_event(event_id=f"ev-{index}"))
-            assert await dispatcher.wait_idle(5.0)
-        finally:
-            await dispatcher.stop()
+        dispatcher = await deliver(
+            sinks_for(dest.url)["plausible"],
+            fast_settings(max_connections=1),
+            [fresh_event(event_id=f"ev-{index}") for index in range(20)],
+        )
     stats = dispatcher.stats()["plausible"]
     assert stats["delivered"] == 20
     assert len(dest.requests) == 20
@@ -486,14 +491,7 @@ async def test_dispatcher_delivers_over_keep_alive() -> None:
 
 async def test_dispatcher_retries_a_refused_connection() -> None:
     url = await closed_port_url()
-    sink = sinks_for(url)["plausible"]
-    dispatcher = Dispatcher([sink], fast_settings(max_attempts=3), SpoolSettings(enabled=False))
-    await dispatcher.start()
-    try:
-        dispatcher.submit(fresh_event())
-        assert await dispatcher.wait_idle(5.0)
-    finally:
-        await dispatcher.stop()
+    dispatcher = await deliver(sinks_for(url)["plausible"], fast_settings(max_attempts=3), [fresh_event()])
     stats = dispatcher.stats()["plausible"]
     assert stats["retried"] == 2  # attempts 1 and 2 were retried; the third exhausted them
     assert stats["dead_lettered"] == 1
@@ -503,14 +501,7 @@ async def test_dispatcher_retries_a_refused_connection() -> None:
 
 async def test_dispatcher_counts_a_silent_destination_as_ambiguous() -> None:
     async with raw_destination(lambda _: None) as dest:
-        sink = sinks_for(dest.url)["plausible"]
-        dispatcher = Dispatcher([sink], fast_settings(), SpoolSettings(enabled=False))
-        await dispatcher.start()
-        try:
-            dispatcher.submit(fresh_event())
-            assert await dispatcher.wait_idle(5.0)
-        finally:
-            await dispatcher.stop()
+        dispatcher = await deliver(sinks_for(dest.url)["plausible"], fast_settings(), [fresh_event()])
     stats = dispatcher.stats()["plausible"]
     assert stats["ambiguous"] == 1
     assert stats["retried"] == 0  # at most once by default
@@ -525,14 +516,7 @@ async def test_dispatcher_honours_429_then_delivers() -> None:
         return answers.pop(0) if len(answers) > 1 else answers[0]
 
     async with raw_destination(reply) as dest:
-        sink = sinks_for(dest.url)["plausible"]
-        dispatcher = Dispatcher([sink], fast_settings(), SpoolSettings(enabled=False))
-        await dispatcher.start()
-        try:
-            dispatcher.submit(fresh_event())
-            assert await dispatcher.wait_idle(5.0)
-        finally:
-            await dispatcher.stop()
+        dispatcher = await deliver(sinks_for(dest.url)["plausible"], fast_settings(), [fresh_event()])
     stats = dispatcher.stats()["plausible"]
     assert (stats["retried"], stats["delivered"]) == (1, 1)
     assert len(dest.requests) == 2
