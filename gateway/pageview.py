@@ -142,6 +142,8 @@ class PageviewDetector:
         self._excluded_exact = frozenset(own)
         self._excluded_prefixes = tuple(analytics.exclude_paths) + tuple(f"{p}/" for p in own if p != "/")
         self._excluded_extensions = frozenset(ext.lower() for ext in analytics.exclude_extensions)
+        # Compile the bot patterns now, at startup: lazily, the first visitor's request waited ~30-100 ms for it.
+        _classifier()
 
     def request_may_count(self, scope: Scope) -> bool:
         """Could this request become a page view? Cheap: no parsing beyond one look at each header name.

@@ -192,6 +192,14 @@ def test_empty_user_agent_is_a_bot() -> None:
     assert is_bot(" \t")
 
 
+def test_bot_patterns_are_compiled_when_the_detector_is_built_not_on_the_first_request() -> None:
+    # Compiling crawlerdetect's patterns takes tens of milliseconds: the first visitor must not wait for it.
+    pageview._classifier.cache_clear()
+    assert pageview._classifier.cache_info().currsize == 0
+    PageviewDetector(Settings())
+    assert pageview._classifier.cache_info().currsize == 1
+
+
 def test_linear_classifier_agrees_with_crawlerdetect_on_its_own_literals() -> None:
     # Every plain-word pattern of crawlerdetect, inside a browser UA and on its own.
     detector = CrawlerDetect()
