@@ -48,6 +48,7 @@ def echo_server_args(port: int, *extra: str) -> list[str]:
     return ["uvicorn", "--factory", "tests.apps.echo:gateway_echo", "--host", "127.0.0.1", "--port", str(port),
             "--no-proxy-headers", *extra]  # fmt: skip
 
+
 @pytest.mark.parametrize("access_log", [True, False], ids=["uvicorn-access-log", "no-access-log"])
 def test_canary_ip_never_reaches_app_or_logs(tmp_path: Path, access_log: bool) -> None:
     config = tmp_path / "gateway.toml"

@@ -293,6 +293,7 @@ def attribute_values(obj: object) -> list[object]:
     assert values, "no attributes found: the check below would prove nothing"
     return values
 
+
 @pytest.mark.anyio
 async def test_request_data_does_not_leak_between_requests(recorder: Recorder) -> None:
     seen: list[Seen] = []
