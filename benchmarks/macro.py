@@ -46,6 +46,7 @@ from benchmarks.apps import CONFIG_ENV
 from benchmarks.common import (
     PAGE_PATH,
     PAGE_QUERY,
+    REQUEST_HEADERS,
     build_geo_database,
     cookie_header,
     gateway_settings,
@@ -74,6 +75,17 @@ REPO: Final = Path(__file__).resolve().parents[1]
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 WRK_CONNECTIONS: Final = 64
 WRK_THREADS: Final = 1
+# The paced latency runs send at this fraction of the slowest compared configuration's wrk throughput (rounded down
+# to a hundred), the same rate to every configuration: below every one's saturation, so latency there is the cost
+# of a request, not the length of wrk's queue.
+PACED_FRACTION: Final = 0.25
+
+
+def paced_seconds(wrk_seconds: float) -> float:
+    """How long each paced run lasts: half a wrk run (latency percentiles settle sooner than throughput)."""
+    return max(1.0, wrk_seconds / 2)
+
+
 # [dispatch] queue_size of the delivering gateway in middleware mode (see run_middleware).
 DELIVERING_QUEUE_SIZE: Final = 1000
 MIDDLEWARE_LABELS: Final = {
@@ -377,6 +389,70 @@ def run_wrk(wrk: str, url: str, script: Path, seconds: float, measured: Sequence
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PacedResult:
+    """One run of :mod:`benchmarks.paced` (latency at a fixed rate, from scheduled send times)."""
+
+    rate: float
+    requests: int
+    errors: int
+    late: int  # slots already past when the connection was free (the server or the client fell behind)
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    seconds: float  # wall clock of the client process
+    client_cpu_s: float
+    cpu_s: Mapping[str, float]  # per measured service
+
+
+def run_paced(
+    url: str, headers: Sequence[tuple[str, str]], rate: float, seconds: float, measured: Sequence[Service]
+) -> PacedResult:
+    """One paced run: the client in its own process (its CPU from wait4, like wrk's), JSON figures on stdout."""
+    before = {service.name: service.cpu_seconds() for service in measured}
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.paced",
+        "--url",
+        url,
+        "--rate",
+        f"{rate:g}",
+        "--seconds",
+        f"{seconds:g}",
+    ]
+    for name, value in headers:
+        command += ["--header", f"{name}: {value}"]
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    assert process.stdout is not None
+    output = process.stdout.read().decode(errors="replace")
+    process.stdout.close()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    after = {service.name: service.cpu_seconds() for service in measured}
+    if process.returncode != 0:
+        raise RuntimeError(f"the paced client exited with {process.returncode}:\n{output}")
+    figures = json.loads(output)
+    return PacedResult(
+        rate,
+        int(figures["requests"]),
+        int(figures["errors"]),
+        int(figures["late"]),
+        figures["p50_ms"],
+        figures["p90_ms"],
+        figures["p99_ms"],
+        figures["max_ms"],
+        wall,
+        usage.ru_utime + usage.ru_stime,
+        {k: after[k] - before[k] for k in after},
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Config:
     name: str
     label: str
@@ -385,6 +461,7 @@ class Config:
     measured: tuple[Service, ...]  # the server under test first, then helpers (collector, upstream)
     before_run: Callable[[], None] | None = None  # called right before each run (e.g. to read counters)
     after_run: Callable[[], Mapping[str, float]] | None = None  # extra counters read after each run
+    headers: tuple[tuple[str, str], ...] = ()  # the request headers of the wrk script, for the paced client
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -395,6 +472,27 @@ class Summary:
     runs: tuple[RunResult, ...]
     extras: tuple[Mapping[str, float], ...]
     totals: Mapping[str, float] = dataclasses.field(default_factory=dict)  # counters read once after all runs
+    paced: tuple[PacedResult, ...] = ()  # latency at a fixed rate below saturation (middleware mode)
+
+    @property
+    def paced_rate(self) -> float:
+        return self.paced[0].rate if self.paced else 0.0
+
+    @property
+    def paced_p50_ms(self) -> float:
+        return statistics.median(r.p50_ms for r in self.paced)
+
+    @property
+    def paced_p99_ms(self) -> float:
+        return statistics.median(r.p99_ms for r in self.paced)
+
+    @property
+    def paced_errors(self) -> int:
+        return sum(r.errors for r in self.paced)
+
+    @property
+    def paced_late_pct(self) -> float:
+        return statistics.median(100.0 * r.late / max(1, r.requests) for r in self.paced)
 
     @property
     def rps(self) -> float:
@@ -444,6 +542,7 @@ class Summary:
             "runs": [dataclasses.asdict(r) for r in self.runs],
             "extras": [dict(e) for e in self.extras],
             "totals": dict(self.totals),
+            "paced": [dataclasses.asdict(r) for r in self.paced],
         }
 
 
@@ -486,6 +585,33 @@ def interleave(
         c.name: Summary(c.name, c.label, c.measured[0].name, tuple(results[c.name]), tuple(extras[c.name]))
         for c in configs
     }
+
+
+def paced_rounds(
+    configs: Sequence[Config],
+    rate: float,
+    *,
+    runs: int,
+    seconds: float,
+    progress: Callable[[str], None] = print,
+) -> dict[str, tuple[PacedResult, ...]]:
+    """``runs`` rounds of paced runs at ``rate``, in rotating order like :func:`interleave`."""
+    results: dict[str, list[PacedResult]] = {c.name: [] for c in configs}
+    for round_index in range(runs):
+        shift = round_index % len(configs)
+        for config in [*configs[shift:], *configs[:shift]]:
+            if config.before_run is not None:
+                config.before_run()
+            result = run_paced(config.url, config.headers, rate, seconds, config.measured)
+            results[config.name].append(result)
+            if config.after_run is not None:
+                config.after_run()  # e.g. wait until a delivering gateway's backlog is delivered
+            progress(
+                f"  paced {round_index + 1}/{runs} {config.name:<25} {rate:6.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+                f"p99 {result.p99_ms:6.2f} ms  max {result.max_ms:6.1f} ms  late {result.late}"
+                + (f"  errors {result.errors}" if result.errors else "")
+            )
+    return {name: tuple(values) for name, values in results.items()}
 
 
 def fetch(url: str, headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
@@ -558,8 +684,6 @@ def _wait_drained(collector: Service, quiet: float = 0.5, timeout: float = 60.0)
 
 
 def _check_page(url: str, cookie: str, *, must_contain: Sequence[bytes]) -> None:
-    from benchmarks.common import REQUEST_HEADERS
-
     status, body = fetch(url, {**dict(REQUEST_HEADERS), "Cookie": cookie})
     missing = [m for m in must_contain if m not in body]
     if status != 200 or missing:
@@ -688,9 +812,18 @@ def run_middleware(
                     (servers[wanted.name], collector) if wanted.delivering else (servers[wanted.name],),
                     before_run=before,
                     after_run=after,
+                    headers=(
+                        *REQUEST_HEADERS,
+                        ("Cookie", cookie_header(load(wanted.config)) if wanted.config else cookie),
+                    ),
                 )
             )
         results = interleave(wrk, configs, runs=runs, seconds=seconds, warmup=warmup, progress=progress)
+        slowest = min(results[s.name].rps for s in servers_wanted if s.config is not None)
+        rate = max(100.0, PACED_FRACTION * slowest // 100 * 100)
+        paced = paced_rounds(configs, rate, runs=runs, seconds=paced_seconds(seconds), progress=progress)
+        for name, values in paced.items():
+            results[name] = dataclasses.replace(results[name], paced=values)
         for wanted in servers_wanted:
             if wanted.delivering:
                 totals = gateway_dispatch_totals(servers[wanted.name])
@@ -726,7 +859,9 @@ def main() -> None:
     for summary in results.values():
         print(
             f"{summary.name:<25} {summary.rps:9.0f} req/s ({summary.rps / reference.rps:5.2f})  "
-            f"p50 {summary.p50_ms:6.2f} ms  p99 {summary.p99_ms:6.2f} ms ({summary.p99_ms / reference.p99_ms:5.2f}x)"
+            f"p50 {summary.p50_ms:6.2f} ms  p99 {summary.p99_ms:6.2f} ms ({summary.p99_ms / reference.p99_ms:5.2f}x)  "
+            f"at {summary.paced_rate:,.0f} req/s: p99 {summary.paced_p99_ms:6.2f} ms "
+            f"({summary.paced_p99_ms / reference.paced_p99_ms:5.2f}x)"
         )
 
 

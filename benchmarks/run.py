@@ -43,7 +43,7 @@ from typing import Any, Final
 if __package__ in (None, ""):  # run as a script: make "benchmarks" and "gateway" importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_proxy, macro, micro
+from benchmarks import bench_proxy, macro, micro, paced
 from benchmarks.compiled import (
     COMPILED,
     PURE,
@@ -367,6 +367,23 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
     for name, what in (("gateway", "delivering"), ("gateway-nodest", "no destinations")):
         for build, key in _builds(results, name):
             gw = results[key]
+            if not gw.paced or not ref.paced:
+                continue
+            goals.append(
+                GoalRow(
+                    "Middleware",
+                    build,
+                    f"p99 latency at a fixed {gw.paced_rate:,.0f} req/s (below saturation), gateway {what}",
+                    f"{gw.paced_p99_ms:.2f} ms",
+                    f"bare Starlette {ref.paced_p99_ms:.2f} ms",
+                    f"{gw.paced_p99_ms / ref.paced_p99_ms:.2f}×",
+                    "reported (the goal above is at saturation)",
+                    None,
+                )
+            )
+    for name, what in (("gateway", "delivering"), ("gateway-nodest", "no destinations")):
+        for build, key in _builds(results, name):
+            gw = results[key]
             goals.append(
                 GoalRow(
                     "Middleware",
@@ -405,6 +422,7 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
         "",
         *_summary_table(results, "starlette", ["collector"]),
         "",
+        *_paced_table(results, "starlette", mode),
     ]
     for build, key in _builds(results, "gateway"):
         delivered = results[key]
@@ -419,6 +437,37 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
             "",
         ]
     return lines, goals
+
+
+def _paced_table(results: dict[str, Summary], reference: str, mode: Mode) -> list[str]:
+    """Latency at one fixed rate below saturation (benchmarks/paced.py), every configuration at the same rate."""
+    ref = results[reference]
+    if not ref.paced:
+        return []
+    runs = len(ref.paced)
+    lines = [
+        f"Latency at a fixed rate: {ref.paced_rate:,.0f} requests/s ({macro.PACED_FRACTION:g} of the slowest "
+        f"configuration's wrk throughput, rounded down to a hundred) from `benchmarks/paced.py` on "
+        f"{paced.DEFAULT_CONNECTIONS} keep-alive connections, {runs} interleaved run{'s' if runs != 1 else ''} of "
+        f"{macro.paced_seconds(mode.middleware_seconds):g} s per "
+        "configuration, medians. wrk's latency above is taken at saturation, where it is mostly the length of "
+        "wrk's own queue (64 requests in flight: a server half as fast shows about twice the latency); here every "
+        "configuration has capacity to spare, and each request is timed from the moment it was scheduled, so a "
+        "stall cannot hide by delaying the requests behind it. *late*: requests whose slot had passed before their "
+        "connection was free (a sign of saturation, of the server or of the client).",
+        "",
+        "| configuration | p50 ms | p99 ms | p99 vs ref | late | errors |",
+        "|---|---|---|---|---|---|",
+    ]
+    for summary in results.values():
+        if not summary.paced:
+            continue
+        lines.append(
+            f"| {summary.label} | {summary.paced_p50_ms:.2f} | {summary.paced_p99_ms:.2f} "
+            f"| {summary.paced_p99_ms / ref.paced_p99_ms:.2f}× | {summary.paced_late_pct:.1f}% "
+            f"| {summary.paced_errors} |"
+        )
+    return [*lines, ""]
 
 
 def _dispatch_totals(totals: Mapping[str, float]) -> str:
