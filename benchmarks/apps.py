@@ -3,6 +3,11 @@
 - :func:`raw_app`: the 10 KB page from a raw ASGI callable (the floor: uvicorn's own cost).
 - :func:`starlette_app`: the same page from a one-route Starlette app (the middleware-mode reference).
 - :func:`gateway_app`: that Starlette app inside ``PrivacyGateway``; settings file from ``BENCH_GATEWAY_CONFIG``.
+- :func:`passthrough_app`: that Starlette app inside a pure-ASGI middleware that wraps ``send`` and does nothing else:
+  the floor for any middleware that watches responses.
+- :func:`naive_cached_app`: that Starlette app inside the issue's reference privacy middleware, the faster of its
+  two naive designs ("verified cookies cached per token and geo cached per /24"), to calibrate this machine
+  against the issue's table; geo database and consent key from the ``BENCH_GATEWAY_CONFIG`` settings file.
 - :func:`collector_app`: a Plausible/GA4-style collector that reads each body and answers ``202``, counting events.
 - :func:`naive_proxy_app`: the naive proxy design the issue measured: Starlette, one shared ``httpx.AsyncClient``,
   ``StreamingResponse`` over ``aiter_raw()``; upstream from ``BENCH_UPSTREAM_URL``.
@@ -10,7 +15,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ipaddress
 import json
 import os
 from collections.abc import AsyncIterator
@@ -22,7 +29,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from benchmarks.common import PAGE, PAGE_PATH
 
@@ -31,7 +38,9 @@ __all__ = [
     "UPSTREAM_ENV",
     "collector_app",
     "gateway_app",
+    "naive_cached_app",
     "naive_proxy_app",
+    "passthrough_app",
     "raw_app",
     "starlette_app",
 ]
@@ -70,6 +79,111 @@ def gateway_app() -> ASGIApp:
     settings = load_settings(os.environ[CONFIG_ENV])
     configure_logging(settings.logging.level)
     return PrivacyGateway(starlette_app(), settings)
+
+
+class PassThrough:
+    """Pure ASGI, wraps ``send`` for every request and does nothing: what merely watching a response costs."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def watched_send(message: Message) -> None:
+            await send(message)
+
+        await self.app(scope, receive, watched_send)
+
+
+def passthrough_app() -> ASGIApp:
+    return PassThrough(starlette_app())
+
+
+class NaiveCachedPrivacy:
+    """The issue's reference design, written the obvious way: ``ipaddress`` for the client address (the last
+    ``X-Forwarded-For`` entry when the peer is the trusted proxy), /24 (IPv4) or /48 (IPv6) truncation, a maxminddb
+    country cached per truncated network (which the issue notes can give a neighbour the wrong country), the consent
+    cookie verified with itsdangerous once per token, and a page-view dict appended to a bounded queue.
+
+    No banner, no ``<title>``, no client-id cookie, no GPC, no bot or prefetch check: fewer features than the gateway.
+    """
+
+    def __init__(self, app: ASGIApp, geo_database: str, secret_key: str, cookie_name: str) -> None:
+        import maxminddb
+        from itsdangerous import URLSafeTimedSerializer
+
+        from gateway.consent import COOKIE_SALT, SIGNER_KWARGS
+
+        self.app = app
+        self.reader = maxminddb.open_database(geo_database)
+        self.serializer = URLSafeTimedSerializer(secret_key, salt=COOKIE_SALT, signer_kwargs=SIGNER_KWARGS)
+        self.cookie_prefix = cookie_name + "="
+        self.consent_by_token: dict[str, bool] = {}
+        self.country_by_network: dict[str, str] = {}
+        self.queue: collections.deque[dict[str, object]] = collections.deque(maxlen=10_000)
+
+    def _analytics_granted(self, token: str) -> bool:
+        granted = self.consent_by_token.get(token)
+        if granted is None:
+            try:
+                data = self.serializer.loads(token, max_age=400 * 86400)
+            except Exception:
+                granted = False
+            else:
+                granted = isinstance(data, dict) and bool(data.get("c", {}).get("analytics"))
+            if len(self.consent_by_token) < 10_000:
+                self.consent_by_token[token] = granted
+        return granted
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        client = scope.get("client")
+        text = client[0] if client else "0.0.0.0"
+        forwarded = headers.get(b"x-forwarded-for")
+        if forwarded and text == "127.0.0.1":
+            text = forwarded.decode("latin-1").split(",")[-1].strip()
+        address = ipaddress.ip_address(text)
+        prefix = 24 if address.version == 4 else 48
+        network = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+        country = self.country_by_network.get(network)
+        if country is None:
+            record: Any = self.reader.get(str(address))
+            country = str(record.get("country", {}).get("iso_code", "")) if isinstance(record, dict) else ""
+            self.country_by_network[network] = country
+        granted = False
+        for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+            part = part.strip()
+            if part.startswith(self.cookie_prefix):
+                granted = self._analytics_granted(part[len(self.cookie_prefix) :])
+        scope = dict(scope)
+        scope["client"] = (network, 0)
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"x-forwarded-for"]
+        if scope["method"] == "GET" and granted:
+            self.queue.append(
+                {
+                    "url": scope["path"],
+                    "referrer": headers.get(b"referer", b"").decode("latin-1"),
+                    "user_agent": headers.get(b"user-agent", b"").decode("latin-1"),
+                    "country": country,
+                    "ip": network,
+                }
+            )
+        await self.app(scope, receive, send)
+
+
+def naive_cached_app() -> ASGIApp:
+    from gateway.config import load_settings
+
+    settings = load_settings(os.environ[CONFIG_ENV])
+    return NaiveCachedPrivacy(
+        starlette_app(), settings.geo.database, str(settings.consent.secret_keys[0]), settings.consent.cookie
+    )
 
 
 class Collector:

@@ -93,6 +93,8 @@ MIDDLEWARE_LABELS: Final = {
     "starlette": "Starlette app, bare (reference)",
     "gateway": "Starlette + gateway, Plausible + GA4 delivering to a local collector",
     "gateway-nodest": "Starlette + gateway, no destinations",
+    "passthrough": "Starlette + pass-through pure-ASGI middleware (wraps send, nothing else)",
+    "naive-cached": "Starlette + the issue's reference privacy middleware (cached; fewer features)",
     "gateway-compiled": "Starlette + gateway (compiled), Plausible + GA4 delivering to a local collector",
     "gateway-nodest-compiled": "Starlette + gateway (compiled), no destinations",
 }
@@ -701,6 +703,7 @@ class _Server:
     build: BuildKind | None = None  # None: not a gateway (raw, bare Starlette), always from this checkout
     cwd: Path = REPO
     delivering: bool = False
+    settings_file: Path | None = None  # a settings file for a non-gateway app (the reference middleware)
 
 
 def run_middleware(
@@ -710,6 +713,7 @@ def run_middleware(
     seconds: float,
     warmup: float,
     include_raw: bool = True,
+    include_references: bool = True,
     compiled: CompiledBuild | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Summary]:
@@ -717,6 +721,9 @@ def run_middleware(
 
     With a ``compiled`` build, the two gateway configurations run a second time from the compiled copy
     (``gateway-compiled``, ``gateway-nodest-compiled``) in the same rounds, against the same bare-Starlette reference.
+    ``include_references``: also the pass-through middleware and the issue's reference privacy middleware
+    (benchmarks/apps.py), to calibrate this machine against the issue's table. After the wrk rounds, every
+    configuration gets the same paced runs (:mod:`benchmarks.paced`) at one rate below saturation.
     """
     with tempfile.TemporaryDirectory(prefix="bench-mw-") as tmp, _services() as services:
         directory = Path(tmp)
@@ -749,6 +756,13 @@ def run_middleware(
             gateway_server("gateway", True, PURE, REPO),
             gateway_server("gateway-nodest", False, PURE, REPO),
         ]
+        if include_references:
+            # Calibration: the floor of any response-watching middleware, and the issue's own reference design.
+            nodest_settings = next(s.config for s in servers_wanted if s.name == "gateway-nodest")
+            servers_wanted += [
+                _Server("passthrough", "benchmarks.apps:passthrough_app"),
+                _Server("naive-cached", "benchmarks.apps:naive_cached_app", settings_file=nodest_settings),
+            ]
         if compiled is not None and compiled.root is not None:
             servers_wanted += [
                 gateway_server("gateway-compiled", True, COMPILED, compiled.root),
@@ -757,7 +771,8 @@ def run_middleware(
         reference_script = next(s.script for s in servers_wanted if s.script is not None)
         servers: dict[str, Service] = {}
         for wanted in servers_wanted:
-            env = {CONFIG_ENV: str(wanted.config)} if wanted.config else {}
+            settings_file = wanted.config or wanted.settings_file
+            env = {CONFIG_ENV: str(settings_file)} if settings_file else {}
             service = start_uvicorn(
                 wanted.name, wanted.factory, directory, env=env, ready_path=PAGE_PATH, cwd=wanted.cwd
             )

@@ -364,6 +364,34 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
                     p99 <= MIDDLEWARE_P99_GOAL,
                 )
             )
+    # Calibration rows: the same load through a do-nothing send wrapper, and through the reference design
+    # (its table measured 0.70-0.78 for it on the machine).
+    for name, what, goal in (
+        (
+            "passthrough",
+            "pass-through middleware (wraps send, nothing else)",
+            "reported (floor of any such middleware)",
+        ),
+        (
+            "naive-cached",
+            "the issue's reference privacy middleware, cached (fewer features)",
+            "reported (issue's machine: 0.70–0.78)",
+        ),
+    ):
+        if name in results:
+            ratio = results[name].rps / ref.rps
+            goals.append(
+                GoalRow(
+                    "Middleware",
+                    PURE,
+                    f"throughput, {what}",
+                    _rps(results[name].rps),
+                    f"bare Starlette {_rps(ref.rps)}",
+                    f"{ratio:.3f}",
+                    goal,
+                    None,
+                )
+            )
     for name, what in (("gateway", "delivering"), ("gateway-nodest", "no destinations")):
         for build, key in _builds(results, name):
             gw = results[key]
