@@ -366,28 +366,42 @@ def parse_wrk(text: str) -> tuple[float, float, float, int, int]:
     return float(rps.group(1)), percentiles["50"], percentiles["99"], int(total.group(1)), errors
 
 
-def run_wrk(wrk: str, url: str, script: Path, seconds: float, measured: Sequence[Service]) -> RunResult:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ClientRun:
+    output: str
+    seconds: float  # wall clock of the client process
+    client_cpu_s: float
+    cpu_s: Mapping[str, float]  # per measured service
+
+
+def _run_client(what: str, command: Sequence[str], measured: Sequence[Service], cwd: Path | None = None) -> _ClientRun:
+    """Run a load generator to completion; its output, its own CPU and each measured service's CPU meanwhile."""
     before = {service.name: service.cpu_seconds() for service in measured}
-    command = [
-        wrk, f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
-        url,
-    ]  # fmt: skip
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     assert process.stdout is not None
     output = process.stdout.read().decode(errors="replace")
     process.stdout.close()
-    # wait4 reaps wrk and returns its own rusage: the load generator's CPU, separate from everything else.
+    # wait4 reaps the client and returns its own rusage: the load generator's CPU, separate from everything else.
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
     after = {service.name: service.cpu_seconds() for service in measured}
     if process.returncode != 0:
-        raise RuntimeError(f"wrk exited with {process.returncode}:\n{output}")
-    rps, p50, p99, total, errors = parse_wrk(output)
-    return RunResult(
-        rps, p50, p99, total, errors, wall, usage.ru_utime + usage.ru_stime, {k: after[k] - before[k] for k in after}
-    )
+        raise RuntimeError(f"{what} exited with {process.returncode}:\n{output}")
+    return _ClientRun(output, wall, usage.ru_utime + usage.ru_stime, {k: after[k] - before[k] for k in after})
+
+
+def run_wrk(wrk: str, url: str, script: Path, seconds: float, measured: Sequence[Service]) -> RunResult:
+    command = [
+        wrk, f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+        url,
+    ]  # fmt: skip
+    run = _run_client("wrk", command, measured)
+    rps, p50, p99, total, errors = parse_wrk(run.output)
+    return RunResult(rps, p50, p99, total, errors, run.seconds, run.client_cpu_s, run.cpu_s)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -411,7 +425,6 @@ def run_paced(
     url: str, headers: Sequence[tuple[str, str]], rate: float, seconds: float, measured: Sequence[Service]
 ) -> PacedResult:
     """One paced run: the client in its own process (its CPU from wait4, like wrk's), JSON figures on stdout."""
-    before = {service.name: service.cpu_seconds() for service in measured}
     command = [
         sys.executable,
         "-m",
@@ -425,20 +438,8 @@ def run_paced(
     ]
     for name, value in headers:
         command += ["--header", f"{name}: {value}"]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-    )
-    assert process.stdout is not None
-    output = process.stdout.read().decode(errors="replace")
-    process.stdout.close()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    after = {service.name: service.cpu_seconds() for service in measured}
-    if process.returncode != 0:
-        raise RuntimeError(f"the paced client exited with {process.returncode}:\n{output}")
-    figures = json.loads(output)
+    run = _run_client("the paced client", command, measured, cwd=REPO)
+    figures = json.loads(run.output)
     return PacedResult(
         rate,
         int(figures["requests"]),
@@ -448,9 +449,9 @@ def run_paced(
         figures["p90_ms"],
         figures["p99_ms"],
         figures["max_ms"],
-        wall,
-        usage.ru_utime + usage.ru_stime,
-        {k: after[k] - before[k] for k in after},
+        run.seconds,
+        run.client_cpu_s,
+        run.cpu_s,
     )
 
 
