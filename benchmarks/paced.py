@@ -49,11 +49,13 @@ async def _connection(
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
-            length = 0
+            length = -1
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 if name.strip().lower() == b"content-length":
                     length = int(value)
+            if length < 0:  # a chunked or close-delimited body would be misread: fail rather than measure wrong
+                raise RuntimeError(f"no Content-Length in the answer: {head[:200]!r}")
             await reader.readexactly(length)
             latencies.append(time.perf_counter() - slot)
             if status >= 400:
