@@ -22,6 +22,7 @@ from typing import Final
 
 from itsdangerous import BadData, TimestampSigner
 
+from gateway.caches import remember
 from gateway.config import Settings
 from gateway.cookies import cookie_values
 
@@ -124,8 +125,5 @@ class ClientIdCookie:
             return ""  # tampered, expired, other key or salt: fail closed, no id
         if not _CLIENT_ID.fullmatch(client_id):
             return ""
-        cache = self._cache
-        if len(cache) >= self._token_cache_size:
-            cache.pop(next(iter(cache)), None)  # evict the oldest entry (dicts keep insertion order)
-        cache[token] = (client_id, signed_at.timestamp() + self.max_age)
+        remember(self._cache, token, (client_id, signed_at.timestamp() + self.max_age), self._token_cache_size)
         return client_id

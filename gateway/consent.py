@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+from gateway.caches import remember
 from gateway.config import Settings
 from gateway.cookies import cookie_values
 
@@ -308,10 +309,7 @@ class ConsentManager:
         if choice is not None and choice.revision != self.revision:
             choice = None  # valid but given under another policy revision: ask again
         entry = _CacheEntry(choice, signed_at.timestamp() + self.max_age, self.honor_gpc, self.honor_dnt)
-        cache = self._cache
-        if len(cache) >= self._token_cache_size:
-            cache.pop(next(iter(cache)), None)  # evict the oldest entry (dicts keep insertion order)
-        cache[token] = entry
+        remember(self._cache, token, entry, self._token_cache_size)
         return entry
 
     def _choice_from_payload(self, payload: object) -> ConsentChoice | None:

@@ -16,7 +16,6 @@ visitor controls, so :func:`is_bot` compiles the same patterns in linear form, n
 from __future__ import annotations
 
 import codecs
-import contextlib
 import functools
 import html
 import ipaddress
@@ -27,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 from starlette.types import Scope
 
+from gateway.caches import remember
 from gateway.config import Settings
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "PageviewDetector",
     "TitleSniffer",
     "is_bot",
+    "is_html_type",
     "is_prefetch",
     "page_url",
     "page_url_for_host",
@@ -64,9 +65,15 @@ _TITLE_RAW_BYTES = 4096
 PREFETCH_HEADERS = frozenset((b"sec-purpose", b"purpose", b"x-moz", b"x-purpose"))
 _PREFETCH_VALUES = (b"prefetch", b"preview")
 
-_HTML_TYPE = b"text/html"
 # What frameworks send for pages (Starlette, Django, Flask, nginx), recognised without parsing.
 _COMMON_HTML_TYPES = frozenset((b"text/html", b"text/html; charset=utf-8", b"text/html; charset=UTF-8"))
+
+
+def is_html_type(content_type: bytes) -> bool:
+    """Is this Content-Type value ``text/html`` (any parameters, any case)?"""
+    if type(content_type) is bytes and content_type in _COMMON_HTML_TYPES:
+        return True
+    return content_type.split(b";", 1)[0].strip().lower() == b"text/html"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,12 +117,8 @@ def is_bot(user_agent: str) -> bool:
         return verdict
     stripped = user_agent.strip()
     verdict = not stripped or len(stripped) > MAX_USER_AGENT_CHARS or _classify(stripped)
-    if len(_bot_cache) >= BOT_CACHE_SIZE:
-        # Insertion order makes this FIFO eviction; cheap, and a flood of unique agents cannot grow memory.
-        with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread meanwhile
-            del _bot_cache[next(iter(_bot_cache))]
     if len(user_agent) <= MAX_USER_AGENT_CHARS * 2:  # don't let huge keys sit in the cache
-        _bot_cache[user_agent] = verdict
+        remember(_bot_cache, user_agent, verdict, BOT_CACHE_SIZE)
     return verdict
 
 
@@ -185,9 +188,7 @@ class PageviewDetector:
         for name, value in headers:
             # ASGI names are lower case: compare directly, lower only a name that is not (no copy per header).
             if name == b"content-type" or (not name.islower() and name.lower() == b"content-type"):
-                if type(value) is bytes and value in _COMMON_HTML_TYPES:
-                    return True
-                return value.split(b";", 1)[0].strip().lower() == _HTML_TYPE
+                return is_html_type(value)
         return False
 
 
@@ -395,11 +396,7 @@ def quick_title(first_chunk: bytes) -> str | None:
     title = _title_cache.get(raw)
     if title is None:
         title = _clean_title(raw, "utf-8", partial=False)
-        if len(_title_cache) >= _TITLE_CACHE_SIZE:
-            # Insertion order makes this FIFO eviction; pages reuse their titles, unique ones just pass through.
-            with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread meanwhile
-                del _title_cache[next(iter(_title_cache))]
-        _title_cache[raw] = title
+        remember(_title_cache, raw, title, _TITLE_CACHE_SIZE)  # pages reuse titles; unique ones just pass through
     return title
 
 
@@ -458,10 +455,7 @@ def primary_language_of(accept_language: bytes) -> str:
     if language is None:
         language = primary_language(accept_language.decode("latin-1"))
         if cacheable:
-            if len(_languages_by_header) >= _LANGUAGE_CACHE_SIZE:
-                with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread
-                    del _languages_by_header[next(iter(_languages_by_header))]
-            _languages_by_header[accept_language] = language
+            remember(_languages_by_header, accept_language, language, _LANGUAGE_CACHE_SIZE)
     return language
 
 
@@ -547,10 +541,7 @@ def _url_prefix(scope: Scope, scheme: str, host_header: bytes | None) -> str:
     prefix = f"{scheme}://{host}"
     if key is not None and _valid_host(key):
         # Only a valid Host header decides the prefix alone; the fallback also depends on scope["server"].
-        if len(cache) >= _URL_PREFIX_CACHE_SIZE:
-            with contextlib.suppress(StopIteration, KeyError, RuntimeError):  # changed by another thread meanwhile
-                del cache[next(iter(cache))]
-        cache[key] = prefix
+        remember(cache, key, prefix, _URL_PREFIX_CACHE_SIZE)
     return prefix
 
 

@@ -27,7 +27,7 @@ import importlib.resources
 import re
 import secrets
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -35,6 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.banner.texts import BannerTexts, LanguageChooser, resolve_texts
 from gateway.config import Settings
+from gateway.pageview import is_html_type
 
 __all__ = ["ASSET_NAMES", "HOLD_LIMIT", "Banner", "BannerInjector", "next_path", "wrap_send"]
 
@@ -549,18 +550,10 @@ def _header_kind(name: bytes) -> int | None:
     return None
 
 
-def _is_html(content_type: bytes) -> bool:
-    if type(content_type) is bytes and content_type in _COMMON_HTML_TYPES:
-        return True
-    return content_type.split(b";", 1)[0].strip().lower() == b"text/html"
-
-
-# What frameworks send for pages (Starlette, Django, Flask, nginx), recognised without parsing.
-_COMMON_HTML_TYPES: Final = frozenset((b"text/html", b"text/html; charset=utf-8", b"text/html; charset=UTF-8"))
-
-
-def _merge_vary(values: Iterable[bytes], wanted: Iterable[bytes]) -> bytes | None:
+def _merge_vary(values: Sequence[bytes], wanted: Iterable[bytes]) -> bytes | None:
     """One Vary value holding the existing tokens plus the wanted ones; None when nothing needs to change."""
+    if not values:  # the usual case, no Vary header yet: just the wanted tokens
+        return b", ".join(wanted) or None
     tokens = [t.strip() for value in values for t in value.split(b",") if t.strip()]
     present = {t.lower() for t in tokens}
     if b"*" in present:
@@ -603,7 +596,7 @@ def _rewrite_start(message: Message, added: int, vary: tuple[bytes, ...]) -> Mes
             if kind is None:
                 new_headers.append((name, value))
             elif kind == _CONTENT_TYPE:
-                if content_type is not None or not _is_html(value):
+                if content_type is not None or not is_html_type(value):
                     return None
                 content_type = value
                 new_headers.append((name, value))
@@ -632,8 +625,7 @@ def _rewrite_start(message: Message, added: int, vary: tuple[bytes, ...]) -> Mes
         if content_type is None:
             return None
 
-        # Without a Vary header _merge_vary would just join the wanted tokens.
-        merged_vary = _merge_vary(vary_values, vary) if vary_values is not None else b", ".join(vary) or None
+        merged_vary = _merge_vary(vary_values or (), vary)
         if merged_vary is not None:
             if vary_values is not None:
                 new_headers = [header for header in new_headers if header[0].lower() != b"vary"]
