@@ -90,8 +90,9 @@ class ClientIdCookie:
         """
         name_eq = self._name_eq
         for value in cookies:
-            if value.find(name_eq) != -1:  # cheap pre-check before any parsing (find: cheaper than "in" for bytes)
-                for token in cookie_values(value, self._name_eq):
+            start = value.find(name_eq)  # cheap pre-check before any parsing (find: cheaper than "in" for bytes)
+            if start != -1:
+                for token in cookie_values(value, name_eq, start):
                     client_id = self._verify(token, time.time() if now is None else now)
                     if client_id:
                         # If a stale duplicate is also sent, the first valid one wins: each was signed by us.

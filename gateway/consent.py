@@ -239,13 +239,11 @@ class ConsentManager:
 
     def decide(self, headers: Sequence[tuple[bytes, bytes]]) -> ConsentDecision:
         """The consent decision for one request, from its ASGI headers (lower-case names, latin-1 bytes)."""
-        name_eq = self._name_eq
         gpc = dnt = False
         cookies: list[bytes] = []
         for name, value in headers:
             if name == b"cookie":
-                if name_eq in value:  # cheap pre-check; most requests without our cookie stop here
-                    cookies.append(value)
+                cookies.append(value)  # decide_cookies looks for our name in each
             elif name == b"sec-gpc":
                 gpc = gpc or sec_gpc_is_on(value)
             elif name == b"dnt":
