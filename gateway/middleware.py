@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.anonymize import Truncator
 from gateway.banner import Banner
-from gateway.banner.inject import _WAITING_FOR_START, BannerInjector, _rewrite_start
+from gateway.banner.inject import _WAITING_FOR_START, BannerInjector
 from gateway.clientid import ClientIdCookie
 from gateway.clientip import FORWARDING_HEADERS, SOURCES, ClientIPResolver, TrustedProxies, normalize_ip
 from gateway.config import Settings, load_settings
@@ -440,7 +440,7 @@ class _ResponseWatcher(BannerInjector):
         return message
 
     def _begin(self, message: Message) -> Message | None:
-        start = _rewrite_start(message, len(self._snippet), self._vary)
+        start = BannerInjector._begin(self, message)  # the injector's own decision, then the page-view one
         if self._count_in_begin:
             self._count_in_begin = False
             # A start the injector accepted has exactly one Content-Type and it is text/html: then it is a page
