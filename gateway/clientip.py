@@ -370,9 +370,14 @@ class ClientIPResolver:
             entry = cache.get(hop)
             if entry is None:
                 entry = self._classify(hop)
-            address, trusted = entry
-            if address is None:
-                return None  # garbage or empty entry: do not look further left (client-controlled text)
+            hop_address, trusted = entry
+            if hop_address is None:
+                if not hop or hop.isspace():
+                    # RFC 9110 §5.6.1: a recipient MUST accept and ignore empty list elements (" , 1.2.3.4 , ").
+                    # MAX_HOPS above bounds how many of them one header can make us look at.
+                    continue
+                return None  # garbage: do not look further left (client-controlled text)
+            address = hop_address
             if not trusted:
                 return address
         return None if too_long else address  # all trusted: the leftmost is the client (uvicorn #1068)
