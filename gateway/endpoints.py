@@ -8,7 +8,7 @@
 | ``{prefix}/banner.css``, ``{prefix}/banner.js`` | banner assets |
 | ``{prefix}/flows`` / ``flows.json`` | the data-flow table generated from the running config |
 | ``{prefix}/healthz`` / ``readyz`` | liveness / readiness (upstream reachable in standalone mode) |
-| ``{prefix}/metrics`` | Prometheus counters (trusted peers or bearer token) |
+| ``{prefix}/metrics`` | Prometheus counters (allowlisted clients or bearer token) |
 | ``analytics.beacon_path`` | the Plausible-compatible first-party beacon |
 """
 
@@ -86,8 +86,11 @@ class Endpoints:
         }
         self._prefix_slash = prefix + "/"
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, *, peer_allowed: bool) -> bool:
-        """Answer a gateway path; return False when the path is not ours (the app gets it)."""
+    async def handle(self, scope: Scope, receive: Receive, send: Send, *, client_allowed: bool) -> bool:
+        """Answer a gateway path; return False when the path is not ours (the app gets it).
+
+        ``client_allowed``: the resolved client address (not the proxy's) is in an endpoint allowlist.
+        """
         path: str = scope["path"]
         route = self._routes.get(path)
         if route is None:
@@ -101,7 +104,7 @@ class Endpoints:
         elif route == "beacon":
             await self._beacon(scope, receive, send)
         elif route == "metrics" and self._metrics is not None:
-            await self._metrics(scope, receive, send, peer_allowed=peer_allowed)
+            await self._metrics(scope, receive, send, client_allowed=client_allowed)
         elif method not in ("GET", "HEAD"):
             await send_simple(send, 405, b"Method Not Allowed\n", extra_headers=((b"allow", b"GET, HEAD"),))
         elif route == "healthz":

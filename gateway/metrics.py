@@ -1,4 +1,4 @@
-"""Prometheus metrics for the dispatcher, served as text at ``{prefix}/metrics`` to trusted peers or a bearer token.
+"""Prometheus metrics for the dispatcher at ``{prefix}/metrics``, for allowlisted clients or a bearer token.
 
 Every family has a ``destination`` label; ``dropped_policy`` also has ``reason`` (short slugs such as ``consent``).
 The counters obey, per destination::
@@ -95,8 +95,9 @@ class DispatchCollector:
 class MetricsEndpoint:
     """ASGI endpoint serving the Prometheus text format.
 
-    The caller decides whether the *full* peer address is trusted (``peer_allowed``; after the privacy middleware
-    ``scope["client"]`` holds only the truncated address, so it cannot decide this itself). Otherwise the request
+    The caller decides whether the *full* client address is allowlisted (``client_allowed``: the address resolved
+    through trusted proxies, never the proxy's own; after the privacy middleware ``scope["client"]`` holds only the
+    truncated address, so the endpoint cannot decide this itself). Otherwise the request
     needs ``Authorization: Bearer <metrics.token>``; anything else gets 403.
     """
 
@@ -110,8 +111,8 @@ class MetricsEndpoint:
     def __repr__(self) -> str:
         return f"MetricsEndpoint(enabled={self.settings.enabled}, token={'set' if self._token else 'unset'})"
 
-    def authorized(self, scope: Scope, *, peer_allowed: bool) -> bool:
-        if peer_allowed:
+    def authorized(self, scope: Scope, *, client_allowed: bool) -> bool:
+        if client_allowed:
             return True
         if self._token is None:
             return False
@@ -128,13 +129,13 @@ class MetricsEndpoint:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, *, peer_allowed: bool) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, *, client_allowed: bool) -> None:
         method = scope.get("method", "GET")
         if not self.settings.enabled:
             await _respond(send, 404, b"not found\n")
         elif method not in ("GET", "HEAD"):
             await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
-        elif not self.authorized(scope, peer_allowed=peer_allowed):
+        elif not self.authorized(scope, client_allowed=client_allowed):
             await _respond(send, 403, b"forbidden\n")
         else:
             body = self.render()

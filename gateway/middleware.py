@@ -27,7 +27,7 @@ from gateway.anonymize import Truncator
 from gateway.banner import Banner
 from gateway.banner.inject import _WAITING_FOR_START, BannerInjector
 from gateway.clientid import ClientIdCookie
-from gateway.clientip import FORWARDING_HEADERS, SOURCES, ClientIPResolver, TrustedProxies, normalize_ip
+from gateway.clientip import FORWARDING_HEADERS, SOURCES, ClientIPResolver, TrustedProxies
 from gateway.config import Settings, load_settings
 from gateway.consent import ConsentManager, dnt_is_on, sec_gpc_is_on
 from gateway.context import STATE_KEY, PrivacyContext
@@ -99,7 +99,8 @@ class PrivacyGateway:
         self._client_id_requirements = tuple(
             frozenset(d.requires) for d in settings.destinations.values() if d.kind == "ga4" and d.client_id == "cookie"
         )
-        self._metrics_peers = TrustedProxies(settings.metrics.allow)
+        # Clients allowed on allowlisted endpoints without a token (metrics), judged by the resolved address.
+        self._allowlisted_clients = TrustedProxies(settings.metrics.allow)
         self._endpoints = Endpoints(self, readiness=readiness)
         self._prefix = settings.prefix
         self._prefix_slash = settings.prefix.rstrip("/") + "/"
@@ -203,6 +204,11 @@ class PrivacyGateway:
         else:
             ip = ""
             country = ""
+        path: str = scope["path"]
+        ours = path.startswith(self._prefix_slash) or path == self._beacon_path or path == "/.well-known/gpc.json"
+        # Allowlisted endpoints (metrics) judge the client, never the proxy that forwarded it: decided here, while
+        # the full address still exists.
+        client_allowed = ours and self._client_allowlisted(full_ip, peer, forwarding is not None)
         del full_ip  # from here on only the truncated address exists
 
         if forwarding is not None:
@@ -237,11 +243,8 @@ class PrivacyGateway:
             await self.app(scope, receive, send)
             return
 
-        path: str = scope["path"]
-        if path.startswith(self._prefix_slash) or path == self._beacon_path or path == "/.well-known/gpc.json":
-            peer_ok = peer is not None and self._peer_allowed_for_metrics(peer)
-            if await self._endpoints.handle(scope, receive, send, peer_allowed=peer_ok):
-                return
+        if ours and await self._endpoints.handle(scope, receive, send, client_allowed=client_allowed):
+            return
         del peer
 
         method: str = scope["method"]
@@ -334,9 +337,17 @@ class PrivacyGateway:
                 return True
         return False
 
-    def _peer_allowed_for_metrics(self, peer: str) -> bool:
-        normalized = normalize_ip(peer)
-        return normalized is not None and normalized in self._metrics_peers
+    def _client_allowlisted(self, full_ip: str | None, peer: str | None, forwarded: bool) -> bool:
+        """Is the *client* of this request inside ``metrics.allow``?
+
+        The resolved (full, normalised) client address decides, not the TCP peer: behind a proxy on the same host
+        the peer is 127.0.0.1 for every visitor on the internet. A request that carries forwarding headers from a
+        peer that is not a trusted proxy was forwarded on behalf of someone the gateway cannot name, so it is never
+        allowlisted by address (the bearer token still works).
+        """
+        if full_ip is None or full_ip not in self._allowlisted_clients:
+            return False
+        return not forwarded or (peer is not None and peer in self._resolver.trusted)
 
 
 # What the one pass in PrivacyGateway.__call__ does with each request header (ASGI names are lower case).

@@ -29,7 +29,7 @@ def make_scope(method: str = "GET", authorization: str | None = None) -> Scope:
             "client": ("127.0.0.0", 50000)}  # fmt: skip
 
 
-async def call(endpoint: MetricsEndpoint, scope: Scope, *, peer_allowed: bool) -> tuple[int, dict[str, str], bytes]:
+async def call(endpoint: MetricsEndpoint, scope: Scope, *, client_allowed: bool) -> tuple[int, dict[str, str], bytes]:
     messages: list[Message] = []
 
     async def receive() -> Message:
@@ -38,7 +38,7 @@ async def call(endpoint: MetricsEndpoint, scope: Scope, *, peer_allowed: bool) -
     async def send(message: Message) -> None:
         messages.append(message)
 
-    await endpoint(scope, receive, send, peer_allowed=peer_allowed)
+    await endpoint(scope, receive, send, client_allowed=client_allowed)
     start, body = messages
     headers = {k.decode(): v.decode() for k, v in start["headers"]}
     return start["status"], headers, body["body"]
@@ -71,7 +71,7 @@ def parse(body: bytes) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
 @pytest.mark.anyio
 async def test_text_format_parses_with_counters_per_destination(dispatcher: Dispatcher) -> None:
     endpoint = MetricsEndpoint(MetricsSettings(), dispatcher)
-    status, headers, body = await call(endpoint, make_scope(), peer_allowed=True)
+    status, headers, body = await call(endpoint, make_scope(), client_allowed=True)
     assert status == 200
     assert headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
     assert headers["cache-control"] == "no-store"
@@ -112,7 +112,7 @@ async def test_the_books_balance_in_the_exported_numbers(dispatcher: Dispatcher)
 
 
 AUTH_TABLE = [
-    # (token configured, peer_allowed, Authorization header, expected status)
+    # (token configured, client_allowed, Authorization header, expected status)
     (None, True, None, 200),
     (None, False, None, 403),
     (None, False, f"Bearer {TOKEN}", 403),  # no token configured: a bearer proves nothing
@@ -131,13 +131,13 @@ AUTH_TABLE = [
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(("token", "peer_allowed", "authorization", "expected"), AUTH_TABLE)
+@pytest.mark.parametrize(("token", "client_allowed", "authorization", "expected"), AUTH_TABLE)
 async def test_access(
-    dispatcher: Dispatcher, token: str | None, peer_allowed: bool, authorization: str | None, expected: int
+    dispatcher: Dispatcher, token: str | None, client_allowed: bool, authorization: str | None, expected: int
 ) -> None:
     settings = MetricsSettings(token=Secret(token) if token else None)
     status, _, body = await call(MetricsEndpoint(settings, dispatcher), make_scope(authorization=authorization),
-                                 peer_allowed=peer_allowed)  # fmt: skip
+                                 client_allowed=client_allowed)  # fmt: skip
     assert status == expected
     if expected == 403:
         assert body == b"forbidden\n" and b"gateway_dispatch" not in body
@@ -146,14 +146,14 @@ async def test_access(
 @pytest.mark.anyio
 async def test_methods_and_disabled(dispatcher: Dispatcher) -> None:
     endpoint = MetricsEndpoint(MetricsSettings(), dispatcher)
-    status, headers, body = await call(endpoint, make_scope("POST"), peer_allowed=True)
+    status, headers, body = await call(endpoint, make_scope("POST"), client_allowed=True)
     assert (status, headers["allow"]) == (405, "GET, HEAD")
-    _, _, get_body = await call(endpoint, make_scope("GET"), peer_allowed=True)
-    status, headers, body = await call(endpoint, make_scope("HEAD"), peer_allowed=True)
+    _, _, get_body = await call(endpoint, make_scope("GET"), client_allowed=True)
+    status, headers, body = await call(endpoint, make_scope("HEAD"), client_allowed=True)
     assert (status, body) == (200, b"")
     assert int(headers["content-length"]) == len(get_body) > 0
     disabled = MetricsEndpoint(MetricsSettings(enabled=False), dispatcher)
-    status, _, _ = await call(disabled, make_scope(), peer_allowed=True)
+    status, _, _ = await call(disabled, make_scope(), client_allowed=True)
     assert status == 404
 
 
@@ -178,7 +178,7 @@ async def test_through_an_asgi_client(dispatcher: Dispatcher) -> None:
     endpoint = MetricsEndpoint(MetricsSettings(token=Secret(TOKEN)), dispatcher)
 
     async def app(scope: Scope, receive: object, send: object) -> None:
-        await endpoint(scope, receive, send, peer_allowed=False)  # type: ignore[arg-type]
+        await endpoint(scope, receive, send, client_allowed=False)  # type: ignore[arg-type]
 
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:

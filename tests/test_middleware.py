@@ -254,6 +254,58 @@ async def test_gateway_endpoints(recorder: Recorder) -> None:
     await gateway.shutdown()
 
 
+# (peer, trusted proxies, forwarding headers, expected status): metrics.allow is the default loopback list.
+METRICS_ACCESS = [
+    pytest.param("127.0.0.1", ["127.0.0.1/32"], {}, 200, id="v4-direct-loopback"),
+    pytest.param("::1", ["::1/128"], {}, 200, id="v6-direct-loopback"),
+    pytest.param("198.51.100.77", ["127.0.0.1/32"], {}, 403, id="v4-direct-internet"),
+    pytest.param("2001:db8::77", ["::1/128"], {}, 403, id="v6-direct-internet"),
+    # A same-host proxy forwarding an internet client: the client decides, not the proxy's loopback address.
+    pytest.param("127.0.0.1", ["127.0.0.1/32"], {"x-forwarded-for": "8.8.8.8"}, 403, id="v4-forwarded-internet"),
+    pytest.param("::1", ["::1/128"], {"x-forwarded-for": "2001:4860::8888"}, 403, id="v6-forwarded-internet"),
+    pytest.param("127.0.0.1", ["127.0.0.1/32"], {"forwarded": "for=8.8.8.8"}, 403, id="v4-forwarded-rfc7239"),
+    pytest.param("::1", ["::1/128"], {"fastly-client-ip": "2001:4860::8888"}, 403, id="v6-forwarded-fastly"),
+    pytest.param("127.0.0.1", ["127.0.0.1/32"], {"x-forwarded-for": "127.0.0.1"}, 200, id="v4-forwarded-loopback"),
+    pytest.param("::1", ["::1/128"], {"x-forwarded-for": " , ::1 , "}, 200, id="v6-forwarded-loopback"),
+    # Forwarded by a proxy that is not trusted: whoever it acts for is unknown, so never allowlisted by address.
+    pytest.param("127.0.0.1", [], {"x-forwarded-for": "8.8.8.8"}, 403, id="v4-untrusted-proxy"),
+    pytest.param("::1", [], {"x-forwarded-for": "2001:4860::8888"}, 403, id="v6-untrusted-proxy"),
+    # An allowlisted monitoring host behind a trusted proxy.
+    pytest.param("127.0.0.1", ["127.0.0.1/32"], {"x-forwarded-for": "192.0.2.10"}, 200, id="v4-forwarded-allowed"),
+    pytest.param("::1", ["::1/128"], {"x-forwarded-for": "2001:db8:5::10"}, 200, id="v6-forwarded-allowed"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("peer", "trusted", "headers", "expected"), METRICS_ACCESS)
+async def test_metrics_allowlist_judges_the_resolved_client(
+    recorder: Recorder, peer: str, trusted: list[str], headers: dict[str, str], expected: int
+) -> None:
+    settings = make_settings(
+        client_ip={"trusted_proxies": trusted, "headers": ["fastly-client-ip", "x-forwarded-for", "forwarded"]},
+        metrics={"allow": ["127.0.0.1/32", "::1/128", "192.0.2.10/32", "2001:db8:5::/48"]},
+    )
+    gateway = gateway_for(html_app([]), recorder, settings)
+    async with client_for(gateway, peer=peer) as client:
+        response = await client.get("/_privacy/metrics", headers=headers)
+        assert response.status_code == expected, response.text
+        if expected == 403:  # the token still opens it, whoever asks
+            assert "gateway_dispatch" not in response.text
+    await gateway.shutdown()
+
+
+@pytest.mark.anyio
+async def test_metrics_token_works_for_a_forwarded_client(recorder: Recorder) -> None:
+    token = "metrics-token-0123456789abcdef0123"
+    gateway = gateway_for(html_app([]), recorder, make_settings(metrics={"token": token}))
+    async with client_for(gateway, peer="127.0.0.1") as client:
+        forwarded = {"x-forwarded-for": "8.8.8.8"}
+        assert (await client.get("/_privacy/metrics", headers=forwarded)).status_code == 403
+        authorized = {**forwarded, "authorization": f"Bearer {token}"}
+        assert (await client.get("/_privacy/metrics", headers=authorized)).status_code == 200
+    await gateway.shutdown()
+
+
 @pytest.mark.anyio
 async def test_lifespan_passes_through_and_runs_dispatcher(recorder: Recorder) -> None:
     events: list[str] = []
