@@ -31,6 +31,7 @@ from gateway.clientip import FORWARDING_HEADERS, SOURCES, ClientIPResolver, Trus
 from gateway.config import Settings, load_settings
 from gateway.consent import ConsentManager, dnt_is_on, sec_gpc_is_on
 from gateway.context import STATE_KEY, PrivacyContext
+from gateway.cookies import CookieGuard, OwnedCookies
 from gateway.dispatch import Dispatcher
 from gateway.endpoints import Endpoints
 from gateway.events import Event
@@ -106,6 +107,8 @@ class PrivacyGateway:
         self._prefix_slash = settings.prefix.rstrip("/") + "/"
         self._beacon_path = settings.analytics.beacon_path
         self._access_log = AccessLog() if access_log else None
+        # Only the gateway sets its cookies: an app's Set-Cookie for these names never reaches the browser.
+        self._owned_cookies = OwnedCookies((settings.consent.cookie, settings.analytics.client_id_cookie))
         self._started = False
 
     # ----------------------------------------------------------------------------------------------------------
@@ -240,7 +243,7 @@ class PrivacyGateway:
             state[STATE_KEY] = context
 
         if scope["type"] == "websocket":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, CookieGuard(send, self._owned_cookies))  # websocket.accept headers
             return
 
         if ours and await self._endpoints.handle(scope, receive, send, client_allowed=client_allowed):
@@ -254,7 +257,7 @@ class PrivacyGateway:
         inject = banner is not None and method != "HEAD"
         if not counts and not inject:
             if self._access_log is None:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, CookieGuard(send, self._owned_cookies))
             else:
                 await self._call_app_logged(scope, receive, send, started)
             return
@@ -273,7 +276,7 @@ class PrivacyGateway:
 
         if not counts:
             if self._access_log is None:
-                await self.app(scope, receive, BannerInjector(send, snippet, vary))
+                await self.app(scope, receive, BannerInjector(send, snippet, vary, self._owned_cookies))
             else:
                 await self._call_app_logged(scope, receive, send, started, snippet, vary)
             return
@@ -292,7 +295,7 @@ class PrivacyGateway:
             client_id,
             now,
         )
-        watcher = _ResponseWatcher(send, snippet, vary, event, set_cookie, self.dispatcher.submit)
+        watcher = _ResponseWatcher(send, snippet, vary, event, set_cookie, self.dispatcher.submit, self._owned_cookies)
         if self._access_log is None:
             await self.app(scope, receive, watcher)
         else:
@@ -316,7 +319,9 @@ class PrivacyGateway:
         access_log = self._access_log
         assert access_log is not None
         watcher = (
-            send if isinstance(send, _ResponseWatcher) else _ResponseWatcher(send, snippet, vary, None, None, None)
+            send
+            if isinstance(send, _ResponseWatcher)
+            else _ResponseWatcher(send, snippet, vary, None, None, None, self._owned_cookies)
         )
         try:
             await self.app(scope, receive, watcher)
@@ -390,12 +395,14 @@ class _ResponseWatcher(BannerInjector):
         event: Event | None,
         set_cookie: bytes | None,
         submit: Callable[[Event], None] | None,
+        owned: OwnedCookies,
     ) -> None:
         # BannerInjector.__init__'s assignments, inlined: the super() call would cost as much as all of them, and
         # this runs once per page view.
         self._send = send
         self._snippet = snippet
         self._vary = vary
+        self._owned = owned
         self._state = _WAITING_FOR_START
         self._start = self._original_start = None
         self._held = b""

@@ -3,9 +3,11 @@ sockets, and the zero-config demo from the README."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -231,3 +233,85 @@ def test_status_prints_the_counters_of_a_running_gateway(tmp_path: Path) -> None
     assert rows["accepted"] == ["3", "3"]
     assert rows["delivered"] == ["3", "0"]  # the dry-run transport answers like Plausible does
     assert rows["dropped_policy[consent]"] == ["0", "3"]  # GA4 needs consent nobody gave
+
+
+class RawUpstream:
+    """An upstream that answers every request with the same bytes, exactly as written (no framework in between)."""
+
+    def __init__(self, response: bytes) -> None:
+        self.response = response
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    conn.sendall(self.response)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_upstream_cannot_set_the_gateways_cookies(tmp_path: Path) -> None:
+    body = b"<!doctype html><html><head><title>Forged</title></head><body><p>user content</p></body></html>"
+    upstream = RawUpstream(
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: text/html; charset=utf-8\r\n"
+        b"Set-Cookie: __Host-consent=FORGED-CONSENT; Path=/; Secure\r\n"
+        b"Set-Cookie: session=kept; Path=/\r\n"
+        b"set-cookie:   __Host-gw_cid = FORGED-ID ; Path=/; Secure\r\n"
+        b"Set-Cookie: __Host-consent=; Max-Age=0; Path=/; Secure\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[upstream]
+url = "{upstream.url}"
+
+[consent]
+secret_keys = ["{"k" * 40}"]
+receipts = ""
+
+[spool]
+enabled = false
+"""
+    )
+    try:
+        with run_server(
+            ["gateway", "serve", "--config", str(config), "--port", str(port)], port, tmp_path / "g.log"
+        ) as gw:
+            with httpx.Client(base_url=gw.url, trust_env=False) as client:
+                for _ in range(3):
+                    response = client.get("/page", headers={"user-agent": BROWSER})
+                    assert response.status_code == 200
+                    assert "user content" in response.text
+                    assert response.headers.get_list("set-cookie") == ["session=kept; Path=/"]
+            gw.stop()
+            log_lines = [json.loads(line) for line in gw.output().splitlines() if line.startswith("{")]
+    finally:
+        upstream.close()
+    warnings = [line for line in log_lines if line["event"] == "response.owned_cookie_removed"]
+    # One warning per name, however many responses tried (rate-limited); the forged values are never logged.
+    assert sorted(w["cookie"] for w in warnings) == ["__Host-consent", "__Host-gw_cid"]
+    assert "FORGED" not in gw.output()

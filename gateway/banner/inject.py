@@ -35,6 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.banner.texts import BannerTexts, LanguageChooser, resolve_texts
 from gateway.config import Settings
+from gateway.cookies import OwnedCookies
 from gateway.pageview import is_html_type
 
 __all__ = ["ASSET_NAMES", "HOLD_LIMIT", "Banner", "BannerInjector", "next_path", "wrap_send"]
@@ -382,7 +383,9 @@ async def _plain(send: Send, status: int, body: bytes, extra: list[tuple[bytes, 
 # ---------------------------------------------------------------------------------------------------- injection
 
 
-def wrap_send(send: Send, snippet: bytes, *, vary: tuple[bytes, ...] = (b"cookie",)) -> Send:
+def wrap_send(
+    send: Send, snippet: bytes, *, vary: tuple[bytes, ...] = (b"cookie",), owned: OwnedCookies | None = None
+) -> Send:
     """Wrap ``send`` so an HTML response gets ``snippet`` inserted before its last ``</body>`` while streaming.
 
     Injected only into ``text/html`` responses with a body a visitor sees (2xx except 204/205/206, 4xx, 5xx), no
@@ -398,10 +401,12 @@ def wrap_send(send: Send, snippet: bytes, *, vary: tuple[bytes, ...] = (b"cookie
     it was absent). ``Vary`` is merged with ``vary``; validators (ETag, Last-Modified) and ``Accept-Ranges`` are
     dropped because the bytes are no longer the upstream's.
 
+    ``owned``: the gateway's cookie names; a Set-Cookie for one of them is removed from the response start.
+
     Nothing in here raises: a response it does not understand is passed on unchanged. Errors raised by the
     wrapped ``send`` itself (a client that went away) propagate as usual.
     """
-    return BannerInjector(send, snippet, vary)
+    return BannerInjector(send, snippet, vary, owned)
 
 
 # States of BannerInjector.
@@ -420,14 +425,15 @@ class BannerInjector:
     about the first message.
     """
 
-    __slots__ = ("_anchored", "_held", "_original_start", "_send", "_snippet", "_start", "_state", "_vary")
+    __slots__ = ("_anchored", "_held", "_original_start", "_owned", "_send", "_snippet", "_start", "_state", "_vary")
 
     _observes = False  # class-level switch: skip the _observe call entirely in the plain injector
 
-    def __init__(self, send: Send, snippet: bytes, vary: tuple[bytes, ...]) -> None:
+    def __init__(self, send: Send, snippet: bytes, vary: tuple[bytes, ...], owned: OwnedCookies | None = None) -> None:
         self._send = send
         self._snippet = snippet
         self._vary = vary
+        self._owned = owned
         self._state = _WAITING_FOR_START
         self._start: Message | None = None
         self._original_start: Message | None = None
@@ -442,9 +448,12 @@ class BannerInjector:
         return _rewrite_start(message, len(self._snippet), self._vary)
 
     async def __call__(self, message: Message) -> None:
+        state = self._state
+        if state == _WAITING_FOR_START and self._owned is not None:
+            # Before _observe, which may add the gateway's own Set-Cookie (a new analytics id) to this message.
+            message = self._owned.strip_start(message)
         if self._observes:
             message = self._observe(message)
-        state = self._state
         if state == _PASSING:
             await self._send(message)
             return
