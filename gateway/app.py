@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import signal
@@ -24,7 +25,7 @@ from typing import IO, Any
 import uvicorn
 
 from gateway.config import Settings, load_settings
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, get_logger, log_event
 from gateway.middleware import PrivacyGateway
 from gateway.proxy import ReverseProxy
 
@@ -107,7 +108,6 @@ def demo_overrides(upstream_url: str, gateway_origin: str, data_dir: str) -> Map
                 "endpoint": "https://plausible.io/api/event",
                 "domain": "demo.example",
                 "requires": [],
-                "fields": ["name", "url", "referrer", "country", "user_agent", "ip"],
                 "dry_run": True,
             },
             "ga4": {
@@ -116,7 +116,6 @@ def demo_overrides(upstream_url: str, gateway_origin: str, data_dir: str) -> Map
                 "measurement_id": "G-DEMO0000",
                 "api_secret": "demo-secret-not-real",
                 "requires": ["analytics"],
-                "fields": ["name", "url", "referrer", "title", "country", "language"],
                 "dry_run": True,
             },
         },
@@ -164,6 +163,8 @@ def serve(config_path: str | None, *, host: str | None, port: int | None, worker
         return _serve_demo(host or "127.0.0.1", port or 8000)
     settings = load_settings(config_path)
     configure_logging(settings.logging.level)
+    for line in settings.warnings:  # what the configuration costs in correctness, as `gateway check` says
+        log_event(get_logger("config"), logging.WARNING, "config.warning", detail=line)
     host = host or settings.server.host
     port = port or settings.server.port
     workers = workers or settings.server.workers

@@ -1,7 +1,8 @@
 """The ``gateway`` command.
 
 gateway serve   [--config FILE] [--host H] [--port P] [--workers N]   no config: the zero-config demo
-gateway check   --config FILE                                           exit 0, or one error line and exit 2
+gateway check   --config FILE                                           exit 0 (warnings on stderr), or one error
+                                                                        line and exit 2
 gateway explain --config FILE [--url URL] [--consent granted|denied|none] [--gpc]
 gateway consent export|verify [--config FILE] [--output FILE]
 gateway status  [--url URL] [--token TOKEN]                             counters of a running server
@@ -84,8 +85,16 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(command)  # pragma: no cover - argparse rejects unknown commands
 
 
+def _load_for_inspection(path: str) -> Settings:
+    """Settings for commands that only read them (check, explain): a missing ${VAR} secret is a warning here."""
+    settings = load_settings(path, missing_env="warn")
+    for line in settings.warnings:
+        print(line, file=sys.stderr)
+    return settings
+
+
 def _check(path: str) -> int:
-    settings = load_settings(path)
+    settings = _load_for_inspection(path)
     # Opening what startup opens catches a missing/corrupt geo database or a bad destination here too.
     from gateway.geo import open_geo
     from gateway.sinks.factory import build_sinks
@@ -100,7 +109,7 @@ def _check(path: str) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from gateway.explain import explain
 
-    settings = load_settings(args.config)
+    settings = _load_for_inspection(args.config)
     kwargs: dict[str, object] = {"consent": args.consent, "gpc": args.gpc}
     if args.url:
         kwargs["url"] = args.url

@@ -22,12 +22,14 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Secret
 
 __all__ = [
+    "DEFAULT_FIELDS",
+    "NEEDED_FIELDS",
     "AnalyticsSettings",
     "AnonymizeSettings",
     "BannerSettings",
@@ -65,6 +67,46 @@ CLIENT_IP_SOURCES = (
 # Fields an event can carry; a destination's `fields` allowlist picks from these.
 EVENT_FIELDS = ("name", "url", "referrer", "title", "country", "language", "user_agent", "ip", "props")
 DESTINATION_KINDS = ("plausible", "ga4", "dryrun")
+
+# The fields a destination gets when its table names none: what that kind needs to count correctly, and no more.
+DEFAULT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = types.MappingProxyType(
+    {
+        # Plausible tells visitors apart by a daily-salted hash of address and user agent, reads browser and OS from
+        # the user agent, and drops datacenter addresses. Without the visitor's (truncated) address it would see
+        # the gateway's own for everyone (https://plausible.io/docs/events-api#request-headers).
+        "plausible": ("name", "url", "referrer", "user_agent", "ip"),
+        # GA4 never gets an address: the country from the gateway's lookup on the full one is its only location
+        # (user_location.country_id), and the title and language fill its page and audience reports.
+        "ga4": ("name", "url", "referrer", "title", "country", "language"),
+        # A generic dry run prints a page view's bare minimum unless told otherwise.
+        "dryrun": ("name", "url", "referrer"),
+    }
+)
+_GENERIC_DEFAULT_FIELDS: Final = ("name", "url", "referrer")
+
+# Per kind: the fields whose absence makes that destination's figures wrong, and what goes wrong. An explicit
+# `fields` list may leave them out (the operator decides); `gateway check` says what that costs.
+NEEDED_FIELDS: Final[Mapping[str, tuple[tuple[str, str], ...]]] = types.MappingProxyType(
+    {
+        "plausible": (
+            ("url", "every page view is counted on the home page"),
+            (
+                "ip",
+                "Plausible sees the gateway's address for every visitor: all of them count as one visitor per day,"
+                " locations show the gateway's country, and the events may be dropped as datacenter traffic",
+            ),
+            (
+                "user_agent",
+                "Plausible sees a fixed user agent: browser and OS reports read 'privacy-gateway' and visitors are"
+                " told apart by address only",
+            ),
+        ),
+        "ga4": (
+            ("url", "every page view is counted on the home page"),
+            ("country", "GA4 never sees an address, so its reports show no country"),
+        ),
+    }
+)
 
 
 class ConfigError(Exception):
@@ -232,8 +274,9 @@ class DestinationSettings:
     api_secret: Secret | None = None  # ga4
     # Consent categories that must all be granted; empty = needs none (cookieless, e.g. Plausible).
     requires: tuple[str, ...] = ()
-    # Allowlist of event fields this destination receives ("ip" = the truncated IP; no other form exists).
-    fields: tuple[str, ...] = ("name", "url", "referrer")
+    # Allowlist of event fields this destination receives ("ip" = the truncated IP; no other form exists). Not
+    # given: DEFAULT_FIELDS of the kind, filled in by load_settings.
+    fields: tuple[str, ...] = _GENERIC_DEFAULT_FIELDS
     # Per-destination query parameter allowlist; None = the global [urls] list.
     allowed_query_params: tuple[str, ...] | None = None
     # Print what would be sent instead of sending it.
@@ -310,6 +353,9 @@ class Settings:
     prefix: str = "/_privacy"
     # Where the settings came from (a file path, or "" for defaults); informational.
     source: str = ""
+    # One line each: what the settings cost in correctness, and (when loaded with missing_env="warn") the
+    # ${VAR} references that were not set. Informational, like source; never read from a file.
+    warnings: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -322,11 +368,14 @@ def load_settings(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    missing_env: Literal["error", "warn"] = "error",
 ) -> Settings:
     """Load, interpolate and validate settings; raise :class:`ConfigError` on the first problem.
 
     ``path=None`` gives the defaults plus environment overrides. ``overrides`` is a nested mapping merged last
-    (used by the CLI and tests).
+    (used by the CLI and tests). ``missing_env="warn"`` (``gateway check`` and ``explain``, which must work on a
+    config without its secrets) keeps an unset ``${NAME}`` as written and reports it in ``Settings.warnings``
+    instead of failing; anything that runs the gateway keeps the default, and refuses to start without it.
     """
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
@@ -346,10 +395,26 @@ def load_settings(
     _merge(raw, _environment_overrides(env))
     if overrides:
         _merge(raw, _deep_copy(overrides))
-    raw = _interpolate(raw, env, "")
+    unset: list[str] = []
+    raw = _interpolate(raw, env, "", None if missing_env == "error" else unset)
     settings: Settings = _build(Settings, raw, "", {"source": source})
     _validate(settings)
-    return settings
+    warnings = (*unset, *field_warnings(settings))
+    return dataclasses.replace(settings, warnings=warnings) if warnings else settings
+
+
+def field_warnings(settings: Settings) -> list[str]:
+    """One line per destination whose ``fields`` leave out what its kind needs to count correctly (NEEDED_FIELDS)."""
+    lines: list[str] = []
+    for name, dest in settings.destinations.items():
+        missing = [(field, cost) for field, cost in NEEDED_FIELDS.get(dest.kind, ()) if field not in dest.fields]
+        if missing:
+            left_out = ", ".join(repr(field) for field, _ in missing)
+            costs = "; ".join(cost for _, cost in missing)
+            lines.append(
+                f"config warning: destinations.{name}.fields: {list(dest.fields)!r} leaves out {left_out}: {costs}"
+            )
+    return lines
 
 
 def _deep_copy(value: Any) -> Any:
@@ -390,20 +455,25 @@ def _environment_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return result
 
 
-def _interpolate(value: Any, env: Mapping[str, str], key: str) -> Any:
+def _interpolate(value: Any, env: Mapping[str, str], key: str, unset: list[str] | None) -> Any:
+    """Replace ``${NAME}`` references; an unset one raises, or (``unset`` given) stays as written and is noted."""
     if isinstance(value, str):
 
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
-            if name not in env:
-                raise ConfigError(key, value, f"references ${{{name}}}, which is not set in the environment")
-            return env[name]
+            if name in env:
+                return env[name]
+            problem = f"references ${{{name}}}, which is not set in the environment"
+            if unset is None:
+                raise ConfigError(key, value, problem)
+            unset.append(f"config warning: {key}: {problem} (gateway serve refuses to start without it)")
+            return match.group(0)
 
         return _ENV_REF.sub(replace, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, env, f"{key}.{k}" if key else k) for k, v in value.items()}
+        return {k: _interpolate(v, env, f"{key}.{k}" if key else k, unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, env, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_interpolate(v, env, f"{key}[{i}]", unset) for i, v in enumerate(value)]
     return value
 
 
@@ -422,7 +492,7 @@ def _build(cls: type[Any], raw: Any, key: str, extra: Mapping[str, Any] | None =
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for name in raw:
-        if name not in names or name in ("source",) or (cls is DestinationSettings and name == "name"):
+        if name not in names or name in ("source", "warnings") or (cls is DestinationSettings and name == "name"):
             raise ConfigError(f"{key}.{name}" if key else name, raw[name], "is not a known setting")
     kwargs: dict[str, Any] = dict(extra or {})
     for field in dataclasses.fields(cls):
@@ -481,7 +551,11 @@ def _convert(tp: Any, value: Any, key: str, name: str) -> Any:
         for sub_name, sub_value in value.items():
             sub_key = f"{key}.{sub_name}"
             if value_type is DestinationSettings:
-                result[sub_name] = _build(DestinationSettings, sub_value, sub_key, {"name": sub_name})
+                given: dict[str, Any] = {"name": sub_name}
+                kind = sub_value.get("kind") if isinstance(sub_value, dict) else None
+                if isinstance(kind, str) and kind in DEFAULT_FIELDS:
+                    given["fields"] = DEFAULT_FIELDS[kind]  # an explicit `fields` in the table replaces it
+                result[sub_name] = _build(DestinationSettings, sub_value, sub_key, given)
             else:
                 result[sub_name] = _convert(value_type, sub_value, sub_key, sub_name)
         return types.MappingProxyType(result)

@@ -95,15 +95,17 @@ def explain(
     )
     rows: list[dict[str, Any]] = []
     for sink in build_sinks(settings):
+        # The effective allowlist (the kind's default when the table names none), next to what it produces.
+        fields = list(settings.destinations[sink.name].fields)
         try:
             # The dispatcher's own check comes first; build() repeats it.
             if not sink.requires <= event.granted:
                 raise PolicyDrop("consent")
             request = sink.request([sink.build(event)])
         except PolicyDrop as drop:
-            rows.append({"destination": sink.name, "sent": False, "reason": drop.reason})
+            rows.append({"destination": sink.name, "fields": fields, "sent": False, "reason": drop.reason})
             continue
-        rows.append({"destination": sink.name, "sent": True, "request": describe_request(request)})
+        rows.append({"destination": sink.name, "fields": fields, "sent": True, "request": describe_request(request)})
     return rows
 
 

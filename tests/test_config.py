@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,10 +97,12 @@ def test_example_documents_every_key() -> None:
 
     def check(cls: type, table: dict[str, object], where: str) -> None:
         for field in dataclasses.fields(cls):
-            if field.name in ("source", "name", "texts", "category", "destinations"):
+            if field.name in ("source", "warnings", "name", "texts", "category", "destinations"):
                 continue
             if cls.__name__ == "DestinationSettings" and field.name == "allowed_query_params":
                 continue  # documented as a comment: it has no default value to show
+            if cls.__name__ == "DestinationSettings" and field.name == "fields":
+                continue  # documented as a comment: the default depends on the kind (test_example_documents_...)
             if cls.__name__ == "MetricsSettings" and field.name == "token":
                 continue  # documented as a comment: secrets have no default
             assert field.name in table, f"{where}{field.name} is not documented in gateway.example.toml"
@@ -240,3 +243,87 @@ def test_id_cookie_without_consent_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^config error: destinations.g.client_id: 'cookie' needs a consent"):
         load_settings(write(tmp_path, text), environ={})
     load_settings(write(tmp_path, text + "client_id = 'pseudonym'\n"), environ={})
+
+
+MINIMAL_DESTINATIONS = {
+    "plausible": {"kind": "plausible", "endpoint": "https://plausible.io/api/event", "domain": "example.org"},
+    "ga4": {
+        "kind": "ga4",
+        "endpoint": "https://region1.google-analytics.com/mp/collect",
+        "measurement_id": "G-ABC1234",
+        "api_secret": "s",
+        "requires": ["analytics"],
+    },
+    "preview": {"kind": "dryrun"},
+}
+
+
+def test_minimal_destinations_get_their_kinds_default_fields() -> None:
+    settings = load_settings(environ={}, overrides={"destinations": MINIMAL_DESTINATIONS})
+    fields = {name: dest.fields for name, dest in settings.destinations.items()}
+    assert fields == {
+        "plausible": ("name", "url", "referrer", "user_agent", "ip"),
+        "ga4": ("name", "url", "referrer", "title", "country", "language"),
+        "preview": ("name", "url", "referrer"),
+    }
+    assert "ip" not in fields["ga4"]  # GA4 never gets an address, not even a truncated one
+    assert settings.warnings == ()  # the defaults count correctly: nothing to warn about
+
+
+def test_explicit_fields_win_over_the_kinds_default() -> None:
+    destinations = {**MINIMAL_DESTINATIONS, "plausible": {**MINIMAL_DESTINATIONS["plausible"], "fields": ["name"]}}
+    settings = load_settings(environ={}, overrides={"destinations": destinations})
+    assert settings.destinations["plausible"].fields == ("name",)
+    # An environment override is explicit too.
+    env = {"GATEWAY_DESTINATIONS__GA4__FIELDS": '["name", "url"]'}
+    assert load_settings(environ=env, overrides={"destinations": MINIMAL_DESTINATIONS}).destinations["ga4"].fields == (
+        "name",
+        "url",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "expected"),
+    [
+        ("plausible", ["name", "url", "referrer", "user_agent"], ["'ip'", "one visitor per day"]),
+        ("plausible", ["name", "url", "referrer", "ip"], ["'user_agent'", "browser and OS"]),
+        ("plausible", ["name"], ["'url', 'ip', 'user_agent'", "home page", "one visitor per day", "browser and OS"]),
+        ("ga4", ["name", "url", "referrer", "title", "language"], ["'country'", "no country"]),
+        ("ga4", ["name", "country"], ["'url'", "home page"]),
+    ],
+)
+def test_a_narrower_list_warns_once_with_the_consequence(name: str, fields: list[str], expected: list[str]) -> None:
+    destinations = {**MINIMAL_DESTINATIONS, name: {**MINIMAL_DESTINATIONS[name], "fields": fields}}
+    warnings = load_settings(environ={}, overrides={"destinations": destinations}).warnings
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"config warning: destinations.{name}.fields: {fields!r} leaves out ")
+    for text in expected:
+        assert text in warnings[0]
+
+
+def test_example_documents_each_kinds_default_fields() -> None:
+    from gateway.config import DEFAULT_FIELDS
+
+    text = (REPO / "config" / "gateway.example.toml").read_text()
+    for kind in ("plausible", "ga4"):
+        assert json.dumps(list(DEFAULT_FIELDS[kind])) in text.replace("', '", '", "'), kind
+
+
+def test_missing_env_reference_is_a_warning_only_when_asked() -> None:
+    destinations = {"ga4": {**MINIMAL_DESTINATIONS["ga4"], "api_secret": "${GA4_SECRET_UNSET}"}}
+    with pytest.raises(ConfigError, match=r"destinations\.ga4\.api_secret: .*references \$\{GA4_SECRET_UNSET\}"):
+        load_settings(environ={}, overrides={"destinations": destinations})
+    settings = load_settings(environ={}, overrides={"destinations": destinations}, missing_env="warn")
+    assert settings.warnings == (
+        "config warning: destinations.ga4.api_secret: references ${GA4_SECRET_UNSET}, which is not set in the"
+        " environment (gateway serve refuses to start without it)",
+    )
+    assert settings.destinations["ga4"].api_secret is not None
+    assert str(settings.destinations["ga4"].api_secret) == "${GA4_SECRET_UNSET}"  # kept as written, never guessed
+
+
+def test_warnings_cannot_be_set_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('warnings = ["all fine"]\n')
+    with pytest.raises(ConfigError, match=r"warnings: .* is not a known setting"):
+        load_settings(path, environ={})

@@ -11,6 +11,8 @@ from gateway.sinks.ga4 import GA4Sink
 from gateway.sinks.plausible import GENERIC_USER_AGENT
 from tests.sinks import GA4_SECRET, python_org_overrides, python_org_settings
 
+GA4_FIELDS = ["name", "url", "referrer", "title", "country", "language"]
+
 NOW = 1_700_000_000.0
 
 
@@ -27,7 +29,7 @@ def test_no_consent_plausible_sends_and_ga4_does_not() -> None:
     )
     assert [row["destination"] for row in rows] == ["plausible", "ga4"]
     plausible, ga4 = rows
-    assert ga4 == {"destination": "ga4", "sent": False, "reason": "consent"}
+    assert ga4 == {"destination": "ga4", "fields": GA4_FIELDS, "sent": False, "reason": "consent"}
     assert plausible["sent"] is True
     request = plausible["request"]
     assert isinstance(request, dict)
@@ -79,7 +81,7 @@ def test_gpc_with_an_explicit_opt_in_still_denies_ad_user_data() -> None:
 @pytest.mark.parametrize("consent", ["denied", "none"])
 def test_refused_or_no_choice_sends_nothing_to_ga4(consent: str) -> None:
     rows = by_destination(explain(python_org_settings(), consent=consent, gpc=True))  # type: ignore[arg-type]
-    assert rows["ga4"] == {"destination": "ga4", "sent": False, "reason": "consent"}
+    assert rows["ga4"] == {"destination": "ga4", "fields": GA4_FIELDS, "sent": False, "reason": "consent"}
     assert rows["plausible"]["sent"] is True
 
 
@@ -182,3 +184,28 @@ def test_flows_page_is_escaped_html() -> None:
     assert "plausible.io" in visible and "region1.google-analytics.com" in visible
     assert "analytics" in visible
     assert GA4_SECRET not in text
+
+
+def test_explain_and_flows_show_the_kinds_default_fields() -> None:
+    """A minimal destination table: the effective (per-kind default) fields are what explain and flows show."""
+    settings = load_settings(
+        environ={},
+        overrides={
+            "destinations": {
+                "plausible": {"kind": "plausible", "endpoint": "https://plausible.io/api/event", "domain": "x.org"},
+                "ga4": {"kind": "ga4", "endpoint": "https://g.example/mp/collect", "measurement_id": "G-ABC1234",
+                        "api_secret": GA4_SECRET, "requires": ["analytics"]},
+            }
+        },
+    )  # fmt: skip
+    rows = by_destination(explain(settings, consent="granted"))
+    assert rows["plausible"]["fields"] == ["name", "url", "referrer", "user_agent", "ip"]
+    assert rows["ga4"]["fields"] == GA4_FIELDS
+    headers = rows["plausible"]["request"]["headers"]
+    assert headers["x-forwarded-for"] == SAMPLE_IP and headers["user-agent"] == SAMPLE_USER_AGENT
+    assert rows["ga4"]["request"]["body"]["user_location"] == {"country_id": "GB"}
+    assert "ip_override" not in rows["ga4"]["request"]["body"]
+    flows = {row["destination"]: row for row in flows_table(settings)}
+    assert flows["plausible"]["fields"] == ["name", "url", "referrer", "user_agent", "ip"]
+    assert flows["plausible"]["ip_policy"].startswith("truncated")
+    assert flows["ga4"]["fields"] == GA4_FIELDS and flows["ga4"]["ip_policy"] == "not sent"

@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -315,3 +316,84 @@ enabled = false
     # One warning per name, however many responses tried (rate-limited); the forged values are never logged.
     assert sorted(w["cookie"] for w in warnings) == ["__Host-consent", "__Host-gw_cid"]
     assert "FORGED" not in gw.output()
+
+
+def test_a_minimal_config_gives_each_destination_what_it_needs_to_count(tmp_path: Path) -> None:
+    """The smallest destination tables (kind, endpoint, domain / measurement id, requires): Plausible gets the
+    visitor's truncated address and user agent, GA4 the country from the full address and never an address."""
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    from tests.test_delivery_e2e import peer
+
+    geo = tmp_path / "country.mmdb"
+    writer = MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country")
+    writer.insert_network(IPSet(["198.51.100.0/24"]), {"country": {"iso_code": "NZ"}})
+    writer.to_db_file(str(geo))
+    collector_port, upstream_port, port = free_port(), free_port(), free_port()
+    config = tmp_path / "minimal.toml"
+    config.write_text(
+        f"""
+[upstream]
+url = "http://127.0.0.1:{upstream_port}"
+
+[client_ip]
+trusted_proxies = ["127.0.0.1/32"]
+
+[geo]
+database = "{geo}"
+
+[consent]
+secret_keys = ["{"k" * 40}"]
+receipts = ""
+
+[spool]
+enabled = false
+
+[destinations.plausible]
+kind = "plausible"
+endpoint = "http://127.0.0.1:{collector_port}/api/event"
+domain = "delivery.example"
+
+[destinations.ga4]
+kind = "ga4"
+endpoint = "http://127.0.0.1:{collector_port}/mp/collect"
+measurement_id = "G-DELIVERY1"
+api_secret = "delivery-test-secret-not-real"
+requires = ["analytics"]
+"""
+    )
+    with (
+        peer("collector_app", collector_port, tmp_path / "collector.log") as collector,
+        peer("upstream_app", upstream_port, tmp_path / "upstream.log"),
+        run_server(["gateway", "serve", "--config", str(config), "--port", str(port)], port, tmp_path / "g.log") as gw,
+        httpx.Client(base_url=gw.url, trust_env=False) as client,
+    ):
+        visitor = {"x-forwarded-for": CANARY_V4, "user-agent": BROWSER, "accept-language": "de-DE,de;q=0.9"}
+        consent = client.post(
+            "/_privacy/consent",
+            json={"categories": {"analytics": True}},
+            headers={**visitor, "sec-fetch-site": "same-origin", "origin": gw.url},
+        )
+        assert consent.status_code == 204, consent.text
+        cookie = consent.headers["set-cookie"].split(";", 1)[0]
+        assert client.get("/p/1", headers={**visitor, "cookie": cookie}).status_code == 200
+        deadline = time.monotonic() + 15
+        while True:
+            records = httpx.get(f"{collector.url}/_records", trust_env=False).json()["collector"]
+            if {r["destination"] for r in records} >= {"plausible", "ga4"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    by_destination = {r["destination"]: r for r in records}
+    assert set(by_destination) == {"plausible", "ga4"}, records
+    for record in records:
+        assert record["problems"] == [], record
+    plausible = dict((k.lower(), v) for k, v in by_destination["plausible"]["headers"])
+    assert plausible["x-forwarded-for"] == "198.51.100.0"  # the truncated address: one visitor per visitor
+    assert plausible["user-agent"] == BROWSER  # browser and OS reports, and the visitor hash
+    ga4 = json.loads(by_destination["ga4"]["body"])
+    assert ga4["user_location"] == {"country_id": "NZ"}  # looked up on the full address, before truncation
+    assert "ip_override" not in ga4 and "user_agent" not in ga4
+    assert ga4["events"][0]["params"]["language"] == "de-de"
+    for record in records:
+        assert CANARY_V4 not in json.dumps(record)
