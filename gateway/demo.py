@@ -118,6 +118,11 @@ class _DemoSite:
         path = scope["path"]
         if path == "/search":
             resource = self._search_page(scope["query_string"])
+        elif path not in self._resources and path.endswith("/") and path.rstrip("/") in _PAGES:
+            # "/downloads/" is how python.org spells its pages: send it to the demo's own spelling, query kept.
+            query = scope["query_string"]
+            location = path.rstrip("/").encode("ascii") + (b"?" + query if query else b"")
+            resource = _Resource(301, b"text/plain; charset=utf-8", b"Moved Permanently\n", ((b"location", location),))
         else:
             resource = self._resources.get(path, self._not_found)
         await self._send(send, resource, head=method == "HEAD")

@@ -91,7 +91,7 @@ async def test_download_and_stylesheet(client: httpx.AsyncClient) -> None:
     assert "font-family" in css.text
 
 
-@pytest.mark.parametrize("path", ["/nope", "/about/", "/static/missing.css", "/downloads/../demo.py", "/layout.html"])
+@pytest.mark.parametrize("path", ["/nope", "/static/missing.css", "/downloads/../demo.py", "/layout.html"])
 async def test_unknown_path_is_404(client: httpx.AsyncClient, path: str) -> None:
     response = await client.get(path)
     assert response.status_code == 404
@@ -156,3 +156,40 @@ async def test_lifespan() -> None:
 
     await app({"type": "lifespan"}, receive, send)  # type: ignore[arg-type]
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+@pytest.mark.parametrize(
+    ("path", "location"),
+    [
+        ("/downloads/", "/downloads"),
+        ("/about/", "/about"),
+        ("/downloads/?utm_source=readme", "/downloads?utm_source=readme"),
+    ],
+)
+async def test_trailing_slash_spelling_redirects_to_the_page(
+    client: httpx.AsyncClient, path: str, location: str
+) -> None:
+    """python.org spells its pages with a trailing slash; the demo answers both spellings."""
+    moved = await client.get(path)
+    assert moved.status_code == 301
+    assert moved.headers["location"] == location
+    followed = await client.get(path, follow_redirects=True)
+    assert followed.status_code == 200 and "<title>" in followed.text
+
+
+@pytest.mark.parametrize("path", ["/nope/", "/downloads/sample.txt/", "/static/style.css/"])
+async def test_other_trailing_slashes_are_not_redirected(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status_code == 404
+    assert "location" not in response.headers
+
+
+async def test_a_scheme_relative_path_is_no_open_redirect() -> None:
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "//about/", "query_string": b"", "headers": []}
+    await demo_site()(scope, None, send)  # type: ignore[arg-type]
+    assert sent[0]["status"] == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import threading
@@ -397,3 +398,64 @@ requires = ["analytics"]
     assert ga4["events"][0]["params"]["language"] == "de-de"
     for record in records:
         assert CANARY_V4 not in json.dumps(record)
+
+
+def demo_examples() -> list[tuple[str, str]]:
+    """(command, what its comment promises) for each line of the sh block in the README's demo section."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## What the demo shows", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)\n```", section, flags=re.DOTALL)
+    assert block is not None
+    examples = []
+    for line in block.group(1).splitlines():
+        command, _, promise = line.partition("  # ")
+        examples.append((command.strip(), promise.strip()))
+    return examples
+
+
+def test_every_readme_demo_example_does_what_it_says(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    examples = demo_examples()
+    promises = [promise for _, promise in examples]
+    # Each promise the README makes is checked below; a new example needs its check here.
+    assert promises == [
+        'prints "x-forwarded-for": "203.0.113.0"',
+        "which fields go where, as JSON",
+        "what one page view sends",
+    ]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "GA4_API_SECRET"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this install's `gateway`
+    with run_server(["gateway", "serve", "--port", str(port)], port, tmp_path / "demo.log", cwd=tmp_path) as demo:
+        results = []
+        for command, _ in examples:
+            assert "127.0.0.1:8000" in command or command.startswith("gateway ")
+            run = subprocess.run(
+                ["bash", "-c", command.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+                capture_output=True, text=True, env=env, cwd=REPO, timeout=60, check=False,
+            )  # fmt: skip
+            assert run.returncode == 0, (command, run.stderr)
+            results.append(run)
+        deadline = time.monotonic() + 10
+        while '"x-forwarded-for": "203.0.113.0"' not in demo.output() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        demo.stop()
+        printed = [json.loads(line) for line in demo.output().splitlines() if line.startswith('{"destination"')]
+    # 1: the redirected /downloads/ is one page view; the demo prints what Plausible would get, address truncated.
+    assert '"x-forwarded-for": "203.0.113.0"' in demo.output()
+    downloads = [p for p in printed if p["destination"] == "plausible" and p["body"]["url"].endswith("/downloads")]
+    assert len(downloads) == 1 and downloads[0]["headers"]["x-forwarded-for"] == "203.0.113.0"
+    assert "203.0.113.77" not in demo.output()
+    # 2: the data-flow table as JSON, one row per destination.
+    flows = json.loads(results[1].stdout)
+    assert {row["destination"]: row["fields"] for row in flows} == {
+        "plausible": ["name", "url", "referrer", "user_agent", "ip"],
+        "ga4": ["name", "url", "referrer", "title", "country", "language"],
+    }
+    # 3: both destinations' requests for one consented page view, without the GA4 secret being set.
+    rows = [json.loads(chunk) for chunk in re.split(r"\n(?=\{)", results[2].stdout.strip())]
+    assert [(row["destination"], row["sent"]) for row in rows] == [("plausible", True), ("ga4", True)]
+    assert rows[1]["request"]["url"].endswith("api_secret=***")
+    assert "config warning: destinations.ga4.api_secret" in results[2].stderr
