@@ -5,6 +5,7 @@ gateway check   --config FILE                                           exit 0 (
                                                                         line and exit 2
 gateway explain --config FILE [--url URL] [--consent granted|denied|none] [--gpc]
 gateway consent export|verify [--config FILE] [--output FILE]
+gateway consent migrate --from sqlite:PATH [--config FILE]        SQLite log -> the configured PostgreSQL one
 gateway status  [--url URL] [--token TOKEN]                             counters of a running server
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--output", default="-", help="file to write (default: standard output)")
     verify = consent_commands.add_parser("verify", help="check the hash chain of the receipt log")
     verify.add_argument("--config")
+    migrate = consent_commands.add_parser(
+        "migrate", help="copy a SQLite receipt log into the configured (PostgreSQL) one, verifying both"
+    )
+    migrate.add_argument("--config")
+    migrate.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH")
 
     status = commands.add_parser("status", help="print the delivery counters of a running gateway")
     status.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's base URL")
@@ -123,14 +130,18 @@ def _settings_or_default(path: str | None) -> Settings:
 
 
 def _consent(args: argparse.Namespace) -> int:
-    from gateway.receipts import ReceiptLog
+    from gateway.receipts import open_receipt_log
 
     settings = _settings_or_default(args.config)
-    if not settings.consent.receipts:
+    consent = settings.consent
+    # Read-only: the command line never moves a running gateway's queued receipts.
+    log = open_receipt_log(consent.receipts, consent.receipts_queue, drain=False)
+    if log is None:
         print("config error: consent.receipts: '' the receipt log is disabled", file=sys.stderr)
         return EXIT_CONFIG
-    log = ReceiptLog(settings.consent.receipts)
     try:
+        if args.consent_command == "migrate":
+            return _migrate(args.source, log)
         if args.consent_command == "export":
             if args.output == "-":
                 count = log.export(sys.stdout)
@@ -147,6 +158,37 @@ def _consent(args: argparse.Namespace) -> int:
         return 1
     finally:
         log.close()
+
+
+def _migrate(source: str, target: object) -> int:
+    """``gateway consent migrate --from sqlite:PATH``: verify the source, append its receipts in order, verify the
+    target. Each row keeps its record (and so its original time); rows already migrated are skipped."""
+    from gateway.receipts import ReceiptLog
+    from gateway.receipts_pg import PostgresReceiptLog
+
+    if not isinstance(target, PostgresReceiptLog):
+        print("config error: consent.receipts: migrate needs a postgresql:// receipt log", file=sys.stderr)
+        return EXIT_CONFIG
+    path = source.removeprefix("sqlite:")
+    if not source.startswith("sqlite:") or not path or not os.path.exists(path):
+        print(f"migrate: --from {source!r}: expected sqlite:PATH of an existing receipt log", file=sys.stderr)
+        return EXIT_CONFIG
+    log = ReceiptLog(path)
+    try:
+        checked = log.verify()
+        if not checked.ok:
+            print(f"TAMPERED: source row {checked.first_bad_row}: {checked.reason}; nothing migrated")
+            return 1
+        rows = [(f"sqlite:{digest}", record) for _, record, _, digest in log.rows()]
+    finally:
+        log.close()
+    target.import_rows(rows)
+    result = target.verify()
+    if not result.ok:
+        print(f"TAMPERED: row {result.first_bad_row}: {result.reason}")
+        return 1
+    print(f"ok: {checked.count} receipts from {path} verified and migrated; {result.count} receipts, hash chain intact")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

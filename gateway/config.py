@@ -189,8 +189,13 @@ class ConsentSettings:
     # Signing keys, oldest first; the last one signs, all verify (rotation). Give them as ${VAR} references.
     # Empty: a random key per start (fine for the demo; every restart asks visitors again).
     secret_keys: tuple[Secret, ...] = ()
-    # Append-only, hash-chained receipt log of every change of choice. Empty string disables it.
-    receipts: str = "var/consent-receipts.sqlite3"
+    # Append-only, hash-chained receipt log of every change of choice: a SQLite file per host, or a
+    # postgresql:// URL (password as ${VAR}) for one chain across a fleet. Empty string disables it. Not in the
+    # repr: a URL may carry a password.
+    receipts: str = dataclasses.field(default="var/consent-receipts.sqlite3", repr=False)
+    # With PostgreSQL: the durable local queue receipts wait in until the database has them, and its bound.
+    receipts_queue: str = "var/consent-receipts-queue.sqlite3"
+    receipts_queue_max: int = 100_000
     # Largest consent-cookie value accepted; anything longer is "no choice".
     max_cookie_bytes: int = 4096
 
@@ -638,6 +643,14 @@ def _validate(s: Settings) -> None:
     for i, secret in enumerate(c.secret_keys):
         _check(len(str(secret)) >= 32, f"consent.secret_keys[{i}]", secret, "must be at least 32 characters")
     _check(c.max_cookie_bytes >= 256, "consent.max_cookie_bytes", c.max_cookie_bytes, "must be at least 256")
+    if c.receipts.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(c.receipts)
+        shown = c.receipts.replace(f":{parts.password}@", ":***@") if parts.password else c.receipts
+        _check(
+            bool(parts.hostname) and len(parts.path) > 1, "consent.receipts", shown, "must name a host and a database"
+        )
+        _check(bool(c.receipts_queue), "consent.receipts_queue", c.receipts_queue, "is required with PostgreSQL")
+    _check(c.receipts_queue_max >= 1, "consent.receipts_queue_max", c.receipts_queue_max, "must be at least 1")
 
     for i, origin in enumerate(s.site.origins):
         _check_url(f"site.origins[{i}]", origin, path_allowed=False)

@@ -39,7 +39,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.config import Settings
 from gateway.consent import ConsentChoice, ConsentManager, category_texts
-from gateway.receipts import Method, Receipt, ReceiptLog
+from gateway.receipts import Method, Receipt, ReceiptStore
 
 __all__ = ["BODY_TIMEOUT", "GPC_LAST_UPDATE", "MAX_BODY_BYTES", "ConsentAPI", "safe_next_path"]
 
@@ -130,7 +130,7 @@ class ConsentAPI:
         self,
         settings: Settings,
         manager: ConsentManager,
-        receipts: ReceiptLog | None,
+        receipts: ReceiptStore | None,
         *,
         body_timeout: float = BODY_TIMEOUT,
     ) -> None:

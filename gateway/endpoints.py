@@ -26,7 +26,7 @@ from gateway.consent_api import ConsentAPI
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.explain import flows_table, render_flows_html
 from gateway.metrics import MetricsEndpoint
-from gateway.receipts import ReceiptLog
+from gateway.receipts import open_receipt_log
 
 if TYPE_CHECKING:
     from gateway.middleware import PrivacyGateway
@@ -62,11 +62,17 @@ class Endpoints:
         settings = gateway.settings
         self._gateway = gateway
         self._readiness = readiness
-        receipts = ReceiptLog(settings.consent.receipts) if settings.consent.receipts else None
+        consent = settings.consent
+        receipts = open_receipt_log(consent.receipts, consent.receipts_queue, queue_max=consent.receipts_queue_max)
         self.receipts = receipts
         self._consent_api = ConsentAPI(settings, gateway.consent, receipts)
         self._beacon = BeaconEndpoint(settings, gateway.dispatcher.submit)
-        self._metrics = MetricsEndpoint(settings.metrics, gateway.dispatcher) if settings.metrics.enabled else None
+        backlog = getattr(receipts, "backlog", None)  # receipts waiting for PostgreSQL on this host
+        self._metrics = (
+            MetricsEndpoint(settings.metrics, gateway.dispatcher, receipts_backlog=backlog)
+            if settings.metrics.enabled
+            else None
+        )
         self._flows_html = render_flows_html(settings)
         self._flows_json = json.dumps(flows_table(settings), indent=2).encode()
         prefix = settings.prefix.rstrip("/")

@@ -15,7 +15,7 @@ one process do not collide.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -92,6 +92,20 @@ class DispatchCollector:
         yield GaugeMetricFamily(f"{PREFIX}_spool_available", "1 if the durable spool is open.", value=spool_available)
 
 
+class ReceiptBacklogCollector:
+    """The consent receipts waiting on this host for PostgreSQL (gateway.receipts_pg), read at scrape time."""
+
+    def __init__(self, backlog: Callable[[], int]) -> None:
+        self.backlog = backlog
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "gateway_consent_receipts_backlog",
+            "Consent receipts queued on this host that PostgreSQL does not have yet.",
+            value=float(self.backlog()),
+        )
+
+
 class MetricsEndpoint:
     """ASGI endpoint serving the Prometheus text format.
 
@@ -101,10 +115,14 @@ class MetricsEndpoint:
     needs ``Authorization: Bearer <metrics.token>``; anything else gets 403.
     """
 
-    def __init__(self, settings: MetricsSettings, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, settings: MetricsSettings, dispatcher: Dispatcher, *, receipts_backlog: Callable[[], int] | None = None
+    ) -> None:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DispatchCollector(dispatcher))
+        if receipts_backlog is not None:
+            self.registry.register(ReceiptBacklogCollector(receipts_backlog))
         token = str(settings.token) if settings.token is not None else ""
         self._token: bytes | None = token.encode() if token else None
 

@@ -26,9 +26,9 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Final, Literal, TextIO
+from typing import Any, Final, Literal, Protocol, TextIO
 
 from gateway.consent import ConsentChoice
 
@@ -37,10 +37,13 @@ __all__ = [
     "METHODS",
     "Receipt",
     "ReceiptLog",
+    "ReceiptStore",
     "VerifyResult",
     "canonical_json",
     "chain_hash",
+    "check_chain",
     "open_receipt_log",
+    "valid_record",
 ]
 
 GENESIS_HASH: Final = "0" * 64
@@ -106,7 +109,39 @@ def chain_hash(prev_hash: str, record_json: str) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + record_json.encode("ascii")).hexdigest()
 
 
-def _valid_record(record: object) -> bool:
+def check_chain(rows: Iterable[tuple[int, Any, Any, Any]]) -> VerifyResult:
+    """Walk ``(seq, record_json, prev_hash, hash)`` rows in order from seq 1; the first row that does not check out.
+
+    Shared by every backend (SQLite here, PostgreSQL in gateway.receipts_pg): the same rule proves both logs.
+    """
+    expected_prev = GENESIS_HASH
+    count = 0
+    expected_seq = 1
+    for seq, record_json, prev_hash, digest in rows:
+        reason = ""
+        bad_row = seq
+        if seq != expected_seq:
+            reason, bad_row = f"row {expected_seq} is missing", expected_seq
+        elif prev_hash != expected_prev:
+            reason = "prev_hash does not match the previous row's hash"
+        elif not isinstance(record_json, str) or chain_hash(prev_hash, record_json) != digest:
+            reason = "hash does not match the record"
+        else:
+            try:
+                record = json.loads(record_json)
+            except ValueError:
+                record = None
+            if not valid_record(record) or canonical_json(record) != record_json:
+                reason = "record is not a canonical receipt"
+        if reason:
+            return VerifyResult(False, count, bad_row, reason)
+        count += 1
+        expected_seq = seq + 1
+        expected_prev = digest
+    return VerifyResult(True, count)
+
+
+def valid_record(record: object) -> bool:
     return (
         isinstance(record, dict)
         and record.keys() == _RECORD_KEYS
@@ -154,7 +189,7 @@ class ReceiptLog:
     def append(self, receipt: Receipt) -> str:
         """Append one receipt; return its chain hash. Raises sqlite3.Error/OSError when the disk fails."""
         record = receipt.record()
-        if not _valid_record(record):
+        if not valid_record(record):
             raise ValueError("malformed consent receipt")
         record_json = canonical_json(record)
         with self._lock:
@@ -199,30 +234,10 @@ class ReceiptLog:
 
     def verify(self) -> VerifyResult:
         """Walk the chain from the first row; report the first row whose content or link does not check out."""
-        expected_prev = GENESIS_HASH
-        count = 0
-        expected_seq = 1
-        for seq, record_json, prev_hash, digest in self._rows():
-            reason = ""
-            bad_row = seq
-            if seq != expected_seq:
-                reason, bad_row = f"row {expected_seq} is missing", expected_seq
-            elif prev_hash != expected_prev:
-                reason = "prev_hash does not match the previous row's hash"
-            elif not isinstance(record_json, str) or chain_hash(prev_hash, record_json) != digest:
-                reason = "hash does not match the record"
-            else:
-                try:
-                    record = json.loads(record_json)
-                except ValueError:
-                    record = None
-                if not _valid_record(record) or canonical_json(record) != record_json:
-                    reason = "record is not a canonical receipt"
-            if reason:
-                return VerifyResult(False, count, bad_row, reason)
-            count += 1
-            expected_seq = seq + 1
-            expected_prev = digest
+        result = check_chain(self._rows())
+        if not result.ok:
+            return result
+        count = result.count
         # AUTOINCREMENT remembers the highest seq ever used, so deleting the newest rows shows up too.
         with self._lock:
             row = self._connection().execute("SELECT seq FROM sqlite_sequence WHERE name = 'receipts'").fetchone()
@@ -230,6 +245,10 @@ class ReceiptLog:
         if highest != count:
             return VerifyResult(False, count, count + 1, f"rows after {count} are missing (highest seq {highest})")
         return VerifyResult(True, count)
+
+    def rows(self) -> Iterator[tuple[int, Any, Any, Any]]:
+        """Every row ``(seq, record_json, prev_hash, hash)`` in order (``gateway consent migrate`` copies them)."""
+        return self._rows()
 
     def _rows(self) -> Iterator[tuple[int, Any, Any, Any]]:
         # Pages, each under the lock, so a long export or verify never holds up appends for long.
@@ -257,6 +276,25 @@ class ReceiptLog:
                 self._db = None
 
 
-def open_receipt_log(path: str) -> ReceiptLog | None:
-    """``ReceiptLog(path)``, or None when ``path`` is empty (``consent.receipts = ""`` disables the log)."""
-    return ReceiptLog(path) if path else None
+class ReceiptStore(Protocol):
+    """What the consent API and the command line need of a receipt log (SQLite or PostgreSQL)."""
+
+    def append(self, receipt: Receipt) -> str: ...
+    def head(self) -> tuple[int, str]: ...
+    def export(self, out: TextIO) -> int: ...
+    def verify(self) -> VerifyResult: ...
+    def close(self) -> None: ...
+
+
+def open_receipt_log(
+    path: str, queue_path: str = "", *, queue_max: int = 100_000, drain: bool = True
+) -> ReceiptStore | None:
+    """The receipt log ``consent.receipts`` names: None when empty (disabled), PostgreSQL for a ``postgresql://``
+    URL (with ``queue_path`` as its durable local queue; ``drain=False`` only reads), else a SQLite file."""
+    if not path:
+        return None
+    if path.startswith(("postgresql://", "postgres://")):
+        from gateway.receipts_pg import PostgresReceiptLog  # psycopg only when a fleet log is configured
+
+        return PostgresReceiptLog(path, queue_path, queue_max=queue_max, drain=drain)
+    return ReceiptLog(path)
