@@ -22,9 +22,9 @@ Three rules shape this module:
   (``consent.receipts_queue_max``): when it is full, an append fails and a grant is refused, as with a failing
   SQLite log; ``backlog()`` is exported as a metric.
 
-Driver: psycopg 3, chosen by measurement (README, fleet section): 3 processes appending through the advisory lock
-reached ~2,300 appends/s with psycopg against ~1,900 with asyncpg here, and a synchronous driver fits a background
-thread and the command line without an event loop of its own.
+Driver: psycopg 3. Measured (benchmarks/bench_receipts.py) it appends through the advisory lock as fast as asyncpg
+(~1,800-2,300/s from 3 processes, within noise), and a synchronous driver fits a background thread and the command
+line without an event loop of its own.
 """
 
 from __future__ import annotations
