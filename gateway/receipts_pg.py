@@ -294,6 +294,19 @@ class PostgresReceiptLog:
                 moved += len(rows)
 
     def _drain_loop(self) -> None:
+        # Connect at startup, so the schema is created or migrated then (and a wrong URL or grant shows in the log
+        # at once), not at the first choice a visitor makes.
+        try:
+            with self._conn_lock:
+                self._connection()
+        except psycopg.Error as exc:
+            logger.warning(
+                "consent receipts: PostgreSQL at %s is not reachable at startup (%s); receipts wait in the local queue",
+                self.where,
+                type(exc).__name__,
+            )
+            self._retry_delay = 0.5
+        self._wake.set()  # receipts left queued by an earlier run go first
         while not self._stop.is_set():
             self._wake.wait(timeout=max(self._retry_delay, 0.5))
             self._wake.clear()

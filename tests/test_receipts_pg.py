@@ -320,3 +320,15 @@ def test_three_gateways_one_chain_through_a_database_outage(pg: PostgresServer, 
     assert sorted(stored) == sorted(expected)  # every receipt, exactly once, in one chain
     for host in range(3):
         assert APP_PASSWORD not in (tmp_path / f"host{host}.log").read_text()
+
+
+def test_the_schema_is_made_at_startup_and_versioned(pg: PostgresServer, tmp_path: Path) -> None:
+    pg.admin("CREATE DATABASE fresh_startup")
+    log = PostgresReceiptLog(pg.url(database="fresh_startup"), str(tmp_path / "q.sqlite3"))
+    try:
+        wait_for(lambda: pg.admin("SELECT to_regclass('consent_receipts') IS NOT NULL", "fresh_startup") == [(True,)])
+        assert pg.admin("SELECT component, version FROM gateway_schema_version", "fresh_startup") == [
+            ("consent_receipts", 1)
+        ]
+    finally:
+        log.close()
