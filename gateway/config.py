@@ -66,7 +66,15 @@ CLIENT_IP_SOURCES = (
 )
 # Fields an event can carry; a destination's `fields` allowlist picks from these.
 EVENT_FIELDS = ("name", "url", "referrer", "title", "country", "language", "user_agent", "ip", "props")
-DESTINATION_KINDS = ("plausible", "ga4", "dryrun")
+DESTINATION_KINDS = ("plausible", "ga4", "sentry", "dryrun")
+# Sentry envelope item types (https://develop.sentry.dev/sdk/envelopes/#data-model). Replays, attachments,
+# profiles and feedback carry page content, files and free text: off unless a destination lists them.
+SENTRY_ITEM_TYPES = (
+    "event", "transaction", "session", "sessions", "client_report", "check_in", "span", "statsd", "metric_meta",
+    "attachment", "replay_event", "replay_recording", "replay_video", "profile", "profile_chunk", "user_report",
+    "feedback",
+)  # fmt: skip
+DEFAULT_SENTRY_ITEM_TYPES = ("event", "transaction", "session", "sessions", "client_report")
 
 # The fields a destination gets when its table names none: what that kind needs to count correctly, and no more.
 DEFAULT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = types.MappingProxyType(
@@ -78,6 +86,9 @@ DEFAULT_FIELDS: Final[Mapping[str, tuple[str, ...]]] = types.MappingProxyType(
         # GA4 never gets an address: the country from the gateway's lookup on the full one is its only location
         # (user_location.country_id), and the title and language fill its page and audience reports.
         "ga4": ("name", "url", "referrer", "title", "country", "language"),
+        # Error reports: where the error happened and in which browser; no address (Sentry would only use it to
+        # tell users apart and guess a location).
+        "sentry": ("url", "user_agent"),
         # A generic dry run prints a page view's bare minimum unless told otherwise.
         "dryrun": ("name", "url", "referrer"),
     }
@@ -104,6 +115,10 @@ NEEDED_FIELDS: Final[Mapping[str, tuple[tuple[str, str], ...]]] = types.MappingP
         "ga4": (
             ("url", "every page view is counted on the home page"),
             ("country", "GA4 never sees an address, so its reports show no country"),
+        ),
+        "sentry": (
+            ("url", "errors cannot be tied to the page they happened on (only its origin is kept)"),
+            ("user_agent", "browser-specific errors cannot be told apart"),
         ),
     }
 )
@@ -272,7 +287,7 @@ class UrlSettings:
 @dataclasses.dataclass(frozen=True, slots=True)
 class DestinationSettings:
     name: str
-    kind: Literal["plausible", "ga4", "dryrun"]
+    kind: Literal["plausible", "ga4", "sentry", "dryrun"]
     endpoint: str = ""
     domain: str = ""  # plausible: the site domain registered with Plausible
     measurement_id: str = ""  # ga4
@@ -290,6 +305,10 @@ class DestinationSettings:
     ttl_seconds: float = 3600.0
     # GA4 without consent: "pseudonym" = a daily-rotating keyed hash instead of a cookie id.
     client_id: Literal["cookie", "pseudonym"] = "cookie"
+    # sentry: the DSNs whose envelopes the tunnel forwards (anything else is refused: the SSRF guard), and the
+    # envelope item types that may leave.
+    dsns: tuple[str, ...] = ()
+    item_types: tuple[str, ...] = DEFAULT_SENTRY_ITEM_TYPES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -576,6 +595,10 @@ def _convert(tp: Any, value: Any, key: str, name: str) -> Any:
 _COOKIE_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 6265 token
 _CATEGORY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _GA4_ID = re.compile(r"^G-[A-Z0-9]{4,20}$")
+# https://develop.sentry.dev/sdk/overview/#parsing-the-dsn: scheme://public_key[:secret]@host[:port]/[path/]project_id
+_SENTRY_DSN = re.compile(
+    r"^https?://[0-9A-Za-z]+(?::[0-9A-Za-z]+)?@[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[^/?#]+)*/[0-9]+/?$"
+)
 
 
 def _check(condition: bool, key: str, value: object, problem: str) -> None:
@@ -678,7 +701,15 @@ def _validate(s: Settings) -> None:
             )
         for i, cat in enumerate(dest.requires):
             _check(cat in c.categories, f"{key}.requires[{i}]", cat, "is not a consent category")
-        if dest.kind != "dryrun" and (dest.endpoint or not dest.dry_run):
+        if dest.kind == "sentry":
+            _check(bool(dest.dsns), f"{key}.dsns", list(dest.dsns), "must list at least one DSN")
+            for i, dsn in enumerate(dest.dsns):
+                _check(_SENTRY_DSN.match(dsn) is not None, f"{key}.dsns[{i}]", dsn,
+                       "is not a Sentry DSN (https://PUBLIC_KEY@HOST/PROJECT_ID)")  # fmt: skip
+            for i, item_type in enumerate(dest.item_types):
+                _check(item_type in SENTRY_ITEM_TYPES, f"{key}.item_types[{i}]", item_type,
+                       "is not a Sentry envelope item type")  # fmt: skip
+        elif dest.kind != "dryrun" and (dest.endpoint or not dest.dry_run):
             _check(bool(dest.endpoint), f"{key}.endpoint", dest.endpoint, "is required")
             _check_url(f"{key}.endpoint", dest.endpoint)
         if dest.kind == "plausible":

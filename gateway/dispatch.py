@@ -84,7 +84,7 @@ from typing import Any, Final, TypeVar
 import httpx
 
 from gateway.config import DispatchSettings, SpoolSettings
-from gateway.events import Event
+from gateway.events import ERROR_REPORT, Event
 from gateway.logs import quiet_http_client_logs
 from gateway.policy import parse_retry_after
 from gateway.sinks import Outcome, Payload, PolicyDrop, Sink
@@ -225,6 +225,8 @@ class _Lane:
         self.sink = sink
         self.name = sink.name
         self.requires = frozenset(sink.requires)
+        # Error-report lanes (Sentry) take only the tunnel's envelopes; every other lane takes only analytics.
+        self.error_reports = getattr(sink, "kind", "") == "sentry"
         self.max_batch = max(1, int(sink.max_batch))
         self.ttl = ttl
         self.queue_size = settings.queue_size
@@ -422,6 +424,10 @@ class Dispatcher:
         return f"Dispatcher(destinations={[lane.name for lane in self._lanes]!r}, running={self._running})"
 
     @property
+    def sinks(self) -> tuple[Sink, ...]:
+        return tuple(lane.sink for lane in self._lanes)
+
+    @property
     def destinations(self) -> tuple[str, ...]:
         return tuple(lane.name for lane in self._lanes)
 
@@ -433,13 +439,18 @@ class Dispatcher:
         """Hand an event to every destination; O(#destinations) in-memory work that never blocks or raises."""
         try:
             if not self._accepting:
+                error_report = event.name == ERROR_REPORT
                 for lane in self._lanes:
-                    lane.refused += 1
+                    if lane.error_reports is error_report:
+                        lane.refused += 1
                 return
             if not event.event_id:
                 event.event_id = f"{self._id_prefix}{next(self._id_counter):x}"
             granted = event.granted
+            error_report = event.name == ERROR_REPORT
             for lane in self._lanes:
+                if lane.error_reports is not error_report:
+                    continue  # not this lane's kind of event: never accepted, so not in its books
                 lane.accepted += 1
                 requires = lane.requires
                 if requires and not requires <= granted:

@@ -9,6 +9,7 @@
 | ``{prefix}/flows`` / ``flows.json`` | the data-flow table generated from the running config |
 | ``{prefix}/healthz`` / ``readyz`` | liveness / readiness (upstream reachable in standalone mode) |
 | ``{prefix}/metrics`` | Prometheus counters (allowlisted clients or bearer token) |
+| ``{prefix}/sentry`` | the first-party Sentry tunnel (only with a ``kind = "sentry"`` destination) |
 | ``analytics.beacon_path`` | the Plausible-compatible first-party beacon |
 """
 
@@ -27,6 +28,8 @@ from gateway.context import STATE_KEY, PrivacyContext
 from gateway.explain import flows_table, render_flows_html
 from gateway.metrics import MetricsEndpoint
 from gateway.receipts import open_receipt_log
+from gateway.sentry_tunnel import SentryTunnel
+from gateway.sinks.sentry import SentrySink
 
 if TYPE_CHECKING:
     from gateway.middleware import PrivacyGateway
@@ -73,6 +76,12 @@ class Endpoints:
             if settings.metrics.enabled
             else None
         )
+        sentry_sinks = [s for s in gateway.dispatcher.sinks if isinstance(s, SentrySink)]
+        self._sentry = (
+            SentryTunnel(lambda dsn: any(s.allows_dsn(dsn) for s in sentry_sinks), gateway.dispatcher.submit)
+            if sentry_sinks
+            else None
+        )
         self._flows_html = render_flows_html(settings)
         self._flows_json = json.dumps(flows_table(settings), indent=2).encode()
         prefix = settings.prefix.rstrip("/")
@@ -88,6 +97,7 @@ class Endpoints:
             f"{prefix}/healthz": "healthz",
             f"{prefix}/readyz": "readyz",
             f"{prefix}/metrics": "metrics",
+            f"{prefix}/sentry": "sentry",
             settings.analytics.beacon_path: "beacon",
         }
         self._prefix_slash = prefix + "/"
@@ -109,6 +119,8 @@ class Endpoints:
             await self._consent_api(scope, receive, send)
         elif route == "beacon":
             await self._beacon(scope, receive, send)
+        elif route == "sentry" and self._sentry is not None:
+            await self._sentry(scope, receive, send)
         elif route == "metrics" and self._metrics is not None:
             await self._metrics(scope, receive, send, client_allowed=client_allowed)
         elif method not in ("GET", "HEAD"):

@@ -12,9 +12,11 @@ import time
 from collections.abc import Mapping
 from typing import Literal
 
-__all__ = ["PAGEVIEW", "Event"]
+__all__ = ["ERROR_REPORT", "PAGEVIEW", "Event"]
 
 PAGEVIEW = "pageview"
+# A browser's Sentry envelope from the tunnel, raw in props["envelope"]: only sentry destinations take it.
+ERROR_REPORT = "sentry_envelope"
 
 
 @dataclasses.dataclass(slots=True)

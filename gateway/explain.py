@@ -9,16 +9,19 @@
 from __future__ import annotations
 
 import html
+import json
 import time
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from gateway.config import DestinationSettings, Settings
-from gateway.events import PAGEVIEW, Event
+from gateway.events import ERROR_REPORT, PAGEVIEW, Event
+from gateway.sentry_envelope import Envelope, parse_dsn
 from gateway.sinks import PolicyDrop
 from gateway.sinks.dryrun import DEFAULT_DRYRUN_ENDPOINT, describe_request
 from gateway.sinks.factory import build_sinks
 from gateway.sinks.plausible import GENERIC_USER_AGENT
+from gateway.sinks.sentry import SentrySink
 
 __all__ = ["SAMPLE_CLIENT_ID", "SAMPLE_COUNTRY", "SAMPLE_IP", "SAMPLE_USER_AGENT", "explain", "flows_table",
            "render_flows_html"]  # fmt: skip
@@ -37,7 +40,25 @@ _FIELD_SUPPORT: Final[dict[str, frozenset[str]]] = {
     "plausible": frozenset({"name", "url", "referrer", "user_agent", "ip", "props"}),
     "ga4": frozenset({"name", "url", "referrer", "title", "country", "language", "user_agent", "ip", "props"}),
     "dryrun": frozenset({"name", "url", "referrer", "title", "country", "language", "user_agent", "ip", "props"}),
+    "sentry": frozenset({"url", "referrer", "user_agent", "ip"}),
 }
+# A browser error report as the Sentry SDK sends it, with what the notice does not allow in it: the sample for
+# `gateway explain` (canary values show what the scrubber removes).
+SAMPLE_ERROR_EVENT: Final = {
+    "event_id": "0123456789abcdef0123456789abcdef",
+    "platform": "javascript",
+    "level": "error",
+    "message": "Checkout failed for alice@example.org",
+    "exception": {"values": [{"type": "TypeError", "value": "cannot read token=Zx9KqL2mWv8RtY4pNs6B"}]},
+    "request": {
+        "url": "https://example.org/reset/alice@example.org?token=Zx9KqL2mWv8RtY4pNs6B&utm_source=mail",
+        "headers": {"User-Agent": SAMPLE_USER_AGENT, "Cookie": "session=abc"},
+        "cookies": {"session": "abc"},
+    },
+    "user": {"ip_address": "{{auto}}", "email": "alice@example.org", "id": "42"},
+    "breadcrumbs": {"values": [{"category": "navigation", "data": {"from": "/account?email=alice@example.org",
+                                                                    "to": "/checkout"}}]},
+}  # fmt: skip
 
 
 def _default_url(settings: Settings) -> str:
@@ -95,6 +116,9 @@ def explain(
     )
     rows: list[dict[str, Any]] = []
     for sink in build_sinks(settings):
+        if isinstance(sink, SentrySink):
+            rows.append(_explain_sentry(sink, settings.destinations[sink.name], event))
+            continue
         # The effective allowlist (the kind's default when the table names none), next to what it produces.
         fields = list(settings.destinations[sink.name].fields)
         try:
@@ -107,6 +131,28 @@ def explain(
             continue
         rows.append({"destination": sink.name, "fields": fields, "sent": True, "request": describe_request(request)})
     return rows
+
+
+def _explain_sentry(sink: SentrySink, dest: DestinationSettings, page_view: Event) -> dict[str, Any]:
+    """What Sentry receives of a sample browser error (:data:`SAMPLE_ERROR_EVENT`) from the same visitor."""
+    fields = list(dest.fields)
+    dsn = dest.dsns[0]
+    envelope = Envelope({"dsn": dsn, "event_id": SAMPLE_ERROR_EVENT["event_id"]},
+                        [({"type": "event"}, json.dumps(SAMPLE_ERROR_EVENT).encode())])  # fmt: skip
+    report = Event(
+        name=ERROR_REPORT, url="", user_agent=page_view.user_agent, ip=page_view.ip, granted=page_view.granted,
+        gpc=page_view.gpc, props={"envelope": envelope.dumps().decode("latin-1")}, event_id="sample",
+    )  # fmt: skip
+    try:
+        if not sink.requires <= report.granted:
+            raise PolicyDrop("consent")
+        request = sink.request([sink.build(report)])
+    except PolicyDrop as drop:
+        return {"destination": sink.name, "fields": fields, "sent": False, "reason": drop.reason}
+    lines = request.content.split(b"\n")
+    described = describe_request(request)
+    described["body"] = [json.loads(line) for line in lines if line.strip()]
+    return {"destination": sink.name, "fields": fields, "sent": True, "request": described}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,6 +178,9 @@ def _notes(dest: DestinationSettings) -> list[str]:
         if "user_agent" not in dest.fields:
             notes.append(f"sends the fixed user agent {GENERIC_USER_AGENT!r} instead of the visitor's")
         notes.append("no cookies; Plausible derives the country itself from the address it is given")
+    elif dest.kind == "sentry":
+        notes.append(f"error reports from the {{prefix}}/sentry tunnel; item types: {', '.join(dest.item_types)}")
+        notes.append("no cookies, local variables, user ids or e-mails; URLs and messages scrubbed like page URLs")
     elif dest.kind == "ga4":
         if dest.client_id == "pseudonym":
             notes.append("client id: first-party cookie if consented, else a daily-rotating keyed hash (never stored)")
@@ -148,6 +197,9 @@ def flows_table(settings: Settings) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for dest in settings.destinations.values():
         endpoint = dest.endpoint or (DEFAULT_DRYRUN_ENDPOINT if dest.kind == "dryrun" else "")
+        if dest.kind == "sentry" and dest.dsns:
+            parsed = parse_dsn(dest.dsns[0])
+            endpoint = parsed.envelope_url if parsed else ""
         params = (
             dest.allowed_query_params if dest.allowed_query_params is not None else settings.urls.allowed_query_params
         )

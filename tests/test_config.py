@@ -128,7 +128,10 @@ def test_example_documents_every_key() -> None:
         check(cls, example[section], f"{section}.")
     from gateway.config import DestinationSettings
 
-    check(DestinationSettings, example["destinations"]["plausible"] | example["destinations"]["ga4"], "destinations.*.")
+    destinations = example["destinations"]
+    check(
+        DestinationSettings, destinations["plausible"] | destinations["ga4"] | destinations["sentry"], "destinations.*."
+    )
 
 
 def test_defaults_without_file() -> None:

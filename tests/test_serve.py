@@ -456,6 +456,7 @@ def test_every_readme_demo_example_does_what_it_says(tmp_path: Path) -> None:
     }
     # 3: both destinations' requests for one consented page view, without the GA4 secret being set.
     rows = [json.loads(chunk) for chunk in re.split(r"\n(?=\{)", results[2].stdout.strip())]
-    assert [(row["destination"], row["sent"]) for row in rows] == [("plausible", True), ("ga4", True)]
+    assert [(row["destination"], row["sent"]) for row in rows] == [("plausible", True), ("ga4", True), ("sentry", True)]
+    assert "alice@example.org" not in json.dumps(rows[2])  # the sample error report's e-mail never reaches Sentry
     assert rows[1]["request"]["url"].endswith("api_secret=***")
     assert "config warning: destinations.ga4.api_secret" in results[2].stderr

@@ -7,6 +7,7 @@ from gateway.sinks import Sink
 from gateway.sinks.dryrun import DryRunSink
 from gateway.sinks.ga4 import GA4Sink
 from gateway.sinks.plausible import PlausibleSink
+from gateway.sinks.sentry import SentrySink
 
 __all__ = ["build_sinks"]
 
@@ -19,6 +20,8 @@ def build_sinks(settings: Settings) -> list[Sink]:
             sinks.append(PlausibleSink(dest, settings))
         elif dest.kind == "ga4":
             sinks.append(GA4Sink(dest, settings))
+        elif dest.kind == "sentry":
+            sinks.append(SentrySink(dest, settings))
         elif dest.kind == "dryrun":
             sinks.append(DryRunSink(dest, settings))
         else:  # pragma: no cover - config validation rejects unknown kinds
