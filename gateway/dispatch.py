@@ -441,7 +441,7 @@ class Dispatcher:
             if not self._accepting:
                 error_report = event.name == ERROR_REPORT
                 for lane in self._lanes:
-                    if lane.error_reports is error_report:
+                    if lane.error_reports == error_report:
                         lane.refused += 1
                 return
             if not event.event_id:
@@ -449,7 +449,7 @@ class Dispatcher:
             granted = event.granted
             error_report = event.name == ERROR_REPORT
             for lane in self._lanes:
-                if lane.error_reports is not error_report:
+                if lane.error_reports != error_report:
                     continue  # not this lane's kind of event: never accepted, so not in its books
                 lane.accepted += 1
                 requires = lane.requires

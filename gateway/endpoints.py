@@ -97,9 +97,10 @@ class Endpoints:
             f"{prefix}/healthz": "healthz",
             f"{prefix}/readyz": "readyz",
             f"{prefix}/metrics": "metrics",
-            f"{prefix}/sentry": "sentry",
             settings.analytics.beacon_path: "beacon",
         }
+        if self._sentry is not None:
+            self._routes[f"{prefix}/sentry"] = "sentry"
         self._prefix_slash = prefix + "/"
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, *, client_allowed: bool) -> bool:
@@ -119,7 +120,8 @@ class Endpoints:
             await self._consent_api(scope, receive, send)
         elif route == "beacon":
             await self._beacon(scope, receive, send)
-        elif route == "sentry" and self._sentry is not None:
+        elif route == "sentry":
+            assert self._sentry is not None
             await self._sentry(scope, receive, send)
         elif route == "metrics" and self._metrics is not None:
             await self._metrics(scope, receive, send, client_allowed=client_allowed)

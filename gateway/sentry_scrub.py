@@ -70,6 +70,8 @@ class SentryScrubber:
     def text(self, value: str) -> str:
         """Free text: URLs inside it scrubbed as URLs, then e-mails, tokens, addresses and long numbers replaced."""
         value = value[:_MAX_TEXT]
+        if "{{auto}}" in value:  # asks Sentry to fill in the sender's address: never passed on, wherever it is
+            value = value.replace("{{auto}}", self.placeholder)
         if "://" in value:
             value = _URL_IN_TEXT.sub(lambda m: self.url(m.group()), value)
         return scrub_text(value, self.placeholder)
@@ -87,7 +89,7 @@ class SentryScrubber:
                 return "/"
             scrubbed = self.policy.page_url(self._site + stripped)
             return scrubbed.removeprefix(self._site) if scrubbed else self.placeholder
-        return scrub_text(stripped, self.placeholder)  # "GET /x", "<anonymous>", "app.js": text rules
+        return self.text(stripped)  # "GET /x", "<anonymous>", "app.js": text rules
 
     # --- structures -----------------------------------------------------------------------------------------
 
@@ -113,7 +115,8 @@ class SentryScrubber:
                 lowered = name.lower()
                 if lowered in _DROPPED_KEYS:
                     continue
-                clean_key = self.text(name) if not _is_plain_key(name) else name  # keys can carry data too
+                # Keys can carry data too (a dict keyed by e-mail address): scrubbed like text unless plainly a name.
+                clean_key = name if _is_plain_key(name) and not is_sensitive(name) else self.text(name)
                 result[clean_key] = self.walk(sub_value, lowered, depth + 1)
             return result
         if isinstance(value, list | tuple):
