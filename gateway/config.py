@@ -234,8 +234,10 @@ class BannerSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AnalyticsSettings:
-    # "server": page views are seen server-side; "beacon": only the beacon counts them; "off": neither.
-    pageviews: Literal["server", "beacon", "off"] = "server"
+    # "server": page views are seen server-side (right without a caching CDN); "pixel": a first-party image in every
+    # page the gateway rewrites counts them, so a page served from a CDN's cache counts too (no JavaScript needed);
+    # "beacon": only the beacon counts them; "off": nothing does.
+    pageviews: Literal["server", "pixel", "beacon", "off"] = "server"
     beacon_path: str = "/api/event"
     beacon_max_bytes: int = 16384
     # Path prefixes and file extensions that are never page views.
@@ -682,6 +684,12 @@ def _validate(s: Settings) -> None:
     for path_key, value in (("analytics.beacon_path", a.beacon_path), ("prefix", s.prefix)):
         _check(value.startswith("/") and not value.startswith("//"), path_key, value, "must be a path starting with /")
     _check(s.prefix != "/", "prefix", s.prefix, "must not be the site root")
+    _check(
+        a.pageviews != "pixel" or s.banner.enabled,
+        "analytics.pageviews",
+        a.pageviews,
+        "needs banner.enabled = true (the pixel goes where the banner goes)",
+    )
     _check(
         256 <= a.beacon_max_bytes <= 1_048_576, "analytics.beacon_max_bytes", a.beacon_max_bytes, "must be 256..1048576"
     )

@@ -9,6 +9,7 @@
 | ``{prefix}/flows`` / ``flows.json`` | the data-flow table generated from the running config |
 | ``{prefix}/healthz`` / ``readyz`` | liveness / readiness (upstream reachable in standalone mode) |
 | ``{prefix}/metrics`` | Prometheus counters (allowlisted clients or bearer token) |
+| ``{prefix}/p.gif`` | the page-view pixel (``analytics.pageviews = "pixel"``) |
 | ``{prefix}/sentry`` | the first-party Sentry tunnel (only with a ``kind = "sentry"`` destination) |
 | ``analytics.beacon_path`` | the Plausible-compatible first-party beacon |
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.types import Receive, Scope, Send
 
@@ -27,6 +28,7 @@ from gateway.consent_api import ConsentAPI
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.explain import flows_table, render_flows_html
 from gateway.metrics import MetricsEndpoint
+from gateway.pixel import PixelEndpoint
 from gateway.receipts import open_receipt_log
 from gateway.sentry_tunnel import SentryTunnel
 from gateway.sinks.sentry import SentrySink
@@ -101,6 +103,14 @@ class Endpoints:
         }
         if self._sentry is not None:
             self._routes[f"{prefix}/sentry"] = "sentry"
+        self._pixel: PixelEndpoint | None = None
+        if settings.analytics.pageviews == "pixel":
+            own_hosts = frozenset((urlsplit(o).hostname or "").lower() for o in settings.site.origins)
+            self._pixel = PixelEndpoint(
+                gateway._pageviews, own_hosts, gateway.dispatcher.submit, gateway._client_ids,
+                gateway._needs_client_id,
+            )  # fmt: skip
+            self._routes[f"{prefix}/p.gif"] = "pixel"
         self._prefix_slash = prefix + "/"
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, *, client_allowed: bool) -> bool:
@@ -120,6 +130,9 @@ class Endpoints:
             await self._consent_api(scope, receive, send)
         elif route == "beacon":
             await self._beacon(scope, receive, send)
+        elif route == "pixel":
+            assert self._pixel is not None
+            await self._pixel(scope, receive, send)
         elif route == "sentry":
             assert self._sentry is not None
             await self._sentry(scope, receive, send)

@@ -109,6 +109,7 @@ class PrivacyGateway:
         self._access_log = AccessLog() if access_log else None
         # Only the gateway sets its cookies: an app's Set-Cookie for these names never reaches the browser.
         self._owned_cookies = OwnedCookies((settings.consent.cookie, settings.analytics.client_id_cookie))
+        self._pixel = self._banner.pixel if self._banner is not None else b""
         self._started = False
 
     # ----------------------------------------------------------------------------------------------------------
@@ -276,7 +277,8 @@ class PrivacyGateway:
 
         if not counts:
             if self._access_log is None:
-                await self.app(scope, receive, BannerInjector(send, snippet, vary, self._owned_cookies))
+                injector = BannerInjector(send, snippet, vary, self._owned_cookies, self._pixel)
+                await self.app(scope, receive, injector)
             else:
                 await self._call_app_logged(scope, receive, send, started, snippet, vary)
             return
@@ -321,7 +323,7 @@ class PrivacyGateway:
         watcher = (
             send
             if isinstance(send, _ResponseWatcher)
-            else _ResponseWatcher(send, snippet, vary, None, None, None, self._owned_cookies)
+            else _ResponseWatcher(send, snippet, vary, None, None, None, self._owned_cookies, self._pixel)
         )
         try:
             await self.app(scope, receive, watcher)
@@ -396,6 +398,7 @@ class _ResponseWatcher(BannerInjector):
         set_cookie: bytes | None,
         submit: Callable[[Event], None] | None,
         owned: OwnedCookies,
+        pixel: bytes = b"",
     ) -> None:
         # BannerInjector.__init__'s assignments, inlined: the super() call would cost as much as all of them, and
         # this runs once per page view.
@@ -403,6 +406,7 @@ class _ResponseWatcher(BannerInjector):
         self._snippet = snippet
         self._vary = vary
         self._owned = owned
+        self._pixel = pixel
         self._state = _WAITING_FOR_START
         self._start = self._original_start = None
         self._held = b""

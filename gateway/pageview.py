@@ -171,7 +171,14 @@ class PageviewDetector:
         any of :data:`PREFETCH_HEADERS` said :func:`is_prefetch`. The middleware reads every header it needs in one
         pass and asks this, so the header list is not walked again.
         """
-        if method != "GET" or not self._enabled or prefetch:
+        if method != "GET" or not self._enabled:
+            return False
+        return self.path_counts(path, user_agent, prefetch=prefetch)
+
+    def path_counts(self, path: str, user_agent: str, *, prefetch: bool) -> bool:
+        """The page-view rules on their own, whatever ``analytics.pageviews`` is: not a prefetch, not an excluded
+        path or extension, not a bot. The pixel applies them to the page it was loaded by."""
+        if prefetch:
             return False
         if path in self._excluded_exact or path.startswith(self._excluded_prefixes):
             return False

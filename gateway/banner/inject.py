@@ -199,6 +199,10 @@ class Banner:
         self._js_url = f"{prefix}/banner.js?v={assets_hash[:12]}"
 
         self.languages: tuple[str, ...] = tuple(self._texts)
+        # analytics.pageviews = "pixel": a same-origin image that counts the page view when the browser loads it,
+        # also for pages a CDN serves from its cache. No script, so it counts with JavaScript off.
+        pixel = f'<img src="{prefix}/p.gif" alt="" width="1" height="1" style="position:absolute;left:-9999px">\n'
+        self.pixel = pixel.encode() if settings.analytics.pageviews == "pixel" else b""
         self.default_language: str = settings.banner.default_language.strip().lower().replace("_", "-")
         self._chooser = LanguageChooser(self.languages, self.default_language)
         # The footer's language follows Accept-Language as soon as there is more than one to choose from.
@@ -425,15 +429,25 @@ class BannerInjector:
     about the first message.
     """
 
-    __slots__ = ("_anchored", "_held", "_original_start", "_owned", "_send", "_snippet", "_start", "_state", "_vary")
+    __slots__ = (
+        "_anchored", "_held", "_original_start", "_owned", "_pixel", "_send", "_snippet", "_start", "_state", "_vary",
+    )  # fmt: skip
 
     _observes = False  # class-level switch: skip the _observe call entirely in the plain injector
 
-    def __init__(self, send: Send, snippet: bytes, vary: tuple[bytes, ...], owned: OwnedCookies | None = None) -> None:
+    def __init__(
+        self,
+        send: Send,
+        snippet: bytes,
+        vary: tuple[bytes, ...],
+        owned: OwnedCookies | None = None,
+        pixel: bytes = b"",
+    ) -> None:
         self._send = send
         self._snippet = snippet
         self._vary = vary
         self._owned = owned
+        self._pixel = pixel
         self._state = _WAITING_FOR_START
         self._start: Message | None = None
         self._original_start: Message | None = None
@@ -445,6 +459,9 @@ class BannerInjector:
 
     def _begin(self, message: Message) -> Message | None:
         """For the first message: the start to hold back (rewritten for injection), or None to pass all through."""
+        if self._pixel and message.get("status") == 200:
+            # The page-view pixel goes only into pages that count (200); an error page gets the banner alone.
+            self._snippet += self._pixel
         return _rewrite_start(message, len(self._snippet), self._vary)
 
     async def __call__(self, message: Message) -> None:
