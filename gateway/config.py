@@ -39,6 +39,7 @@ __all__ = [
     "ConsentSettings",
     "DestinationSettings",
     "DispatchSettings",
+    "FastlySettings",
     "GeoSettings",
     "LoggingSettings",
     "MetricsSettings",
@@ -237,7 +238,8 @@ class AnalyticsSettings:
     # "server": page views are seen server-side (right without a caching CDN); "pixel": a first-party image in every
     # page the gateway rewrites counts them, so a page served from a CDN's cache counts too (no JavaScript needed);
     # "beacon": only the beacon counts them; "off": nothing does.
-    pageviews: Literal["server", "pixel", "beacon", "off"] = "server"
+    # "edge": the CDN's own request log, streamed to {prefix}/intake/fastly ([fastly] below), counts them.
+    pageviews: Literal["server", "pixel", "edge", "beacon", "off"] = "server"
     beacon_path: str = "/api/event"
     beacon_max_bytes: int = 16384
     # Path prefixes and file extensions that are never page views.
@@ -276,6 +278,21 @@ class AnalyticsSettings:
     allowed_props: tuple[str, ...] = ()
     # First-party id cookie for destinations that need a client id (GA4); set only with the required consent.
     client_id_cookie: str = "__Host-gw_cid"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FastlySettings:
+    # Fastly HTTPS log streaming to {prefix}/intake/fastly (analytics.pageviews = "edge"). Service ids answer Fastly's
+    # ownership check at /.well-known/fastly/logging/challenge.
+    service_ids: tuple[str, ...] = ()
+    # The header the logging endpoint sends (Fastly: "Custom header name/value") and its secret; no secret, no intake.
+    auth_header: str = "x-gateway-intake-token"
+    secret: Secret | None = None
+    max_body_bytes: int = 10 * 1024 * 1024
+    # gzip-compressed batches are inflated up to this many bytes; more is a 413, never memory growth.
+    max_decompressed_bytes: int = 64 * 1024 * 1024
+    # Records older than this (Fastly retries for a while after an outage) are skipped as "too_old".
+    max_record_age_seconds: float = 6 * 3600.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -370,6 +387,7 @@ class Settings:
     banner: BannerSettings = dataclasses.field(default_factory=BannerSettings)
     analytics: AnalyticsSettings = dataclasses.field(default_factory=AnalyticsSettings)
     urls: UrlSettings = dataclasses.field(default_factory=UrlSettings)
+    fastly: FastlySettings = dataclasses.field(default_factory=FastlySettings)
     destinations: Mapping[str, DestinationSettings] = dataclasses.field(default_factory=dict)
     dispatch: DispatchSettings = dataclasses.field(default_factory=DispatchSettings)
     spool: SpoolSettings = dataclasses.field(default_factory=SpoolSettings)
@@ -684,6 +702,12 @@ def _validate(s: Settings) -> None:
     for path_key, value in (("analytics.beacon_path", a.beacon_path), ("prefix", s.prefix)):
         _check(value.startswith("/") and not value.startswith("//"), path_key, value, "must be a path starting with /")
     _check(s.prefix != "/", "prefix", s.prefix, "must not be the site root")
+    f = s.fastly
+    _check(bool(_COOKIE_NAME.match(f.auth_header)), "fastly.auth_header", f.auth_header, "is not a header name")
+    if f.secret is not None:
+        _check(len(str(f.secret)) >= 16, "fastly.secret", f.secret, "must be at least 16 characters")
+    _check(a.pageviews != "edge" or f.secret is not None, "analytics.pageviews", a.pageviews, "needs fastly.secret")
+    _check_positive(f, "fastly", ("max_body_bytes", "max_decompressed_bytes", "max_record_age_seconds"))
     _check(
         a.pageviews != "pixel" or s.banner.enabled,
         "analytics.pageviews",

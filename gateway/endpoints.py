@@ -9,6 +9,7 @@
 | ``{prefix}/flows`` / ``flows.json`` | the data-flow table generated from the running config |
 | ``{prefix}/healthz`` / ``readyz`` | liveness / readiness (upstream reachable in standalone mode) |
 | ``{prefix}/metrics`` | Prometheus counters (allowlisted clients or bearer token) |
+| ``{prefix}/intake/fastly`` + ``/.well-known/fastly/logging/challenge`` | Fastly log streaming ("edge") |
 | ``{prefix}/p.gif`` | the page-view pixel (``analytics.pageviews = "pixel"``) |
 | ``{prefix}/sentry`` | the first-party Sentry tunnel (only with a ``kind = "sentry"`` destination) |
 | ``analytics.beacon_path`` | the Plausible-compatible first-party beacon |
@@ -27,7 +28,8 @@ from gateway.beacon import BeaconEndpoint
 from gateway.consent_api import ConsentAPI
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.explain import flows_table, render_flows_html
-from gateway.metrics import MetricsEndpoint
+from gateway.intake import CHALLENGE_PATH, EdgeIntake, FastlyChallenge
+from gateway.metrics import IntakeCollector, MetricsEndpoint
 from gateway.pixel import PixelEndpoint
 from gateway.receipts import open_receipt_log
 from gateway.sentry_tunnel import SentryTunnel
@@ -103,6 +105,18 @@ class Endpoints:
         }
         if self._sentry is not None:
             self._routes[f"{prefix}/sentry"] = "sentry"
+        self.intake: EdgeIntake | None = None
+        if settings.fastly.secret is not None:
+            self.intake = EdgeIntake(
+                settings, detector=gateway._pageviews, truncate=gateway._truncate, geo=gateway.geo,
+                consent=gateway.consent, client_ids=gateway._client_ids, submit=gateway.dispatcher.submit,
+            )  # fmt: skip
+            self._routes[f"{prefix}/intake/fastly"] = "intake"
+            if self._metrics is not None:
+                self._metrics.registry.register(IntakeCollector(self.intake.counts))
+        self._challenge = FastlyChallenge(settings.fastly.service_ids) if settings.fastly.service_ids else None
+        if self._challenge is not None:
+            self._routes[CHALLENGE_PATH] = "challenge"
         self._pixel: PixelEndpoint | None = None
         if settings.analytics.pageviews == "pixel":
             own_hosts = frozenset((urlsplit(o).hostname or "").lower() for o in settings.site.origins)
@@ -130,6 +144,12 @@ class Endpoints:
             await self._consent_api(scope, receive, send)
         elif route == "beacon":
             await self._beacon(scope, receive, send)
+        elif route == "intake":
+            assert self.intake is not None
+            await self.intake(scope, receive, send)
+        elif route == "challenge" and method in ("GET", "HEAD"):
+            assert self._challenge is not None
+            await self._challenge(scope, receive, send)
         elif route == "pixel":
             assert self._pixel is not None
             await self._pixel(scope, receive, send)

@@ -15,7 +15,7 @@ one process do not collide.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -106,6 +106,23 @@ class ReceiptBacklogCollector:
         )
 
 
+class IntakeCollector:
+    """Edge log records (gateway.intake) by outcome: ``event`` or the reason each was skipped."""
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "gateway_intake_records",
+            "Edge log records: turned into an event, or skipped (by reason).",
+            labels=["outcome"],
+        )
+        for outcome, count in self.counts.items():
+            family.add_metric([outcome], float(count))
+        yield family
+
+
 class MetricsEndpoint:
     """ASGI endpoint serving the Prometheus text format.
 
@@ -116,13 +133,18 @@ class MetricsEndpoint:
     """
 
     def __init__(
-        self, settings: MetricsSettings, dispatcher: Dispatcher, *, receipts_backlog: Callable[[], int] | None = None
+        self,
+        settings: MetricsSettings,
+        dispatcher: Dispatcher,
+        *,
+        receipts_backlog: Callable[[], int] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DispatchCollector(dispatcher))
         if receipts_backlog is not None:
             self.registry.register(ReceiptBacklogCollector(receipts_backlog))
+
         token = str(settings.token) if settings.token is not None else ""
         self._token: bytes | None = token.encode() if token else None
 

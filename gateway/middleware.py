@@ -209,7 +209,12 @@ class PrivacyGateway:
             ip = ""
             country = ""
         path: str = scope["path"]
-        ours = path.startswith(self._prefix_slash) or path == self._beacon_path or path == "/.well-known/gpc.json"
+        ours = (
+            path.startswith(self._prefix_slash)
+            or path == self._beacon_path
+            or path == "/.well-known/gpc.json"
+            or path == _FASTLY_CHALLENGE
+        )
         # Allowlisted endpoints (metrics) judge the client, never the proxy that forwarded it: decided here, while
         # the full address still exists.
         client_allowed = ours and self._client_allowlisted(full_ip, peer, forwarding is not None)
@@ -357,6 +362,7 @@ class PrivacyGateway:
         return not forwarded or (peer is not None and peer in self._resolver.trusted)
 
 
+_FASTLY_CHALLENGE: Final = "/.well-known/fastly/logging/challenge"  # gateway.intake.CHALLENGE_PATH
 # What the one pass in PrivacyGateway.__call__ does with each request header (ASGI names are lower case).
 _COOKIE, _USER_AGENT, _ACCEPT_LANGUAGE, _REFERER, _HOST, _FORWARDING, _SEC_GPC, _DNT, _PREFETCH = range(9)
 _REQUEST_HEADER_KINDS: Final[dict[bytes, int]] = {
