@@ -621,6 +621,11 @@ _SENTRY_DSN = re.compile(
 )
 
 
+def _unresolved(value: object) -> bool:
+    """A ${NAME} reference still in a value: only load_settings(missing_env="warn") leaves one (and warns)."""
+    return _ENV_REF.search(str(value)) is not None
+
+
 def _check(condition: bool, key: str, value: object, problem: str) -> None:
     if not condition:
         raise ConfigError(key, value, problem)
@@ -684,7 +689,9 @@ def _validate(s: Settings) -> None:
     # CNIL: consent cookies must not outlive 13 months; 6 months is the recommended lifetime.
     _check(1 <= c.max_age_days <= 395, "consent.max_age_days", c.max_age_days, "must be between 1 and 395")
     for i, secret in enumerate(c.secret_keys):
-        _check(len(str(secret)) >= 32, f"consent.secret_keys[{i}]", secret, "must be at least 32 characters")
+        # An unset ${NAME} left in place (check/explain only, already reported as a warning) is not judged.
+        if not _unresolved(secret):
+            _check(len(str(secret)) >= 32, f"consent.secret_keys[{i}]", secret, "must be at least 32 characters")
     _check(c.max_cookie_bytes >= 256, "consent.max_cookie_bytes", c.max_cookie_bytes, "must be at least 256")
     if c.receipts.startswith(("postgresql://", "postgres://")):
         parts = urlsplit(c.receipts)
@@ -704,7 +711,7 @@ def _validate(s: Settings) -> None:
     _check(s.prefix != "/", "prefix", s.prefix, "must not be the site root")
     f = s.fastly
     _check(bool(_COOKIE_NAME.match(f.auth_header)), "fastly.auth_header", f.auth_header, "is not a header name")
-    if f.secret is not None:
+    if f.secret is not None and not _unresolved(f.secret):
         _check(len(str(f.secret)) >= 16, "fastly.secret", f.secret, "must be at least 16 characters")
     _check(a.pageviews != "edge" or f.secret is not None, "analytics.pageviews", a.pageviews, "needs fastly.secret")
     _check_positive(f, "fastly", ("max_body_bytes", "max_decompressed_bytes", "max_record_age_seconds"))

@@ -238,3 +238,13 @@ def test_check_warns_about_what_a_narrower_field_list_costs(tmp_path: Path) -> N
     minimal.write_text(path.read_text().replace("fields = ['name', 'url', 'referrer']\n", ""))
     quiet = run_gateway("check", "--config", str(minimal))
     assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
+def test_check_reads_the_python_org_profile_without_its_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CONSENT_KEY", "GA4_API_SECRET", "METRICS_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    # The profile's geo database lives on the production host; everything else is checked as written.
+    result = run_gateway("check", "--config", "config/python.org.toml", env={"GATEWAY_GEO__DATABASE": '""'})
+    assert result.returncode == 0, result.stderr
+    warned = {line.split(":", 2)[1].strip() for line in result.stderr.strip().splitlines()}
+    assert warned == {"consent.secret_keys[0]", "destinations.ga4.api_secret", "metrics.token"}
