@@ -42,6 +42,7 @@ from gateway.consent import ConsentManager, sec_gpc_is_on
 from gateway.events import Event
 from gateway.geo import Geo
 from gateway.pageview import PageviewDetector, is_bot, is_html_type, is_prefetch, primary_language
+from gateway.request_body import BodyTooLarge, BodyTooSlow, ClientGone, read_body
 
 __all__ = ["CHALLENGE_PATH", "OUTCOMES", "EdgeIntake", "FastlyChallenge"]
 
@@ -49,7 +50,10 @@ CHALLENGE_PATH: Final = "/.well-known/fastly/logging/challenge"
 EVENT: Final = "event"
 OUTCOMES: Final = (EVENT, "bot", "prefetch", "not_a_page", "invalid_record", "too_old")
 _CHUNK: Final = 500  # records handled between two yields to the event loop: a big batch never stalls other requests
-_FUTURE_SKEW: Final = 300.0  # a record from further in the future than this is invalid
+_FUTURE_SKEW: Final = 300.0
+_BODY_TIMEOUT: Final = (
+    30.0  # seconds for one batch to arrive  # a record from further in the future than this is invalid
+)
 
 
 class _Refused(Exception):
@@ -190,18 +194,14 @@ class EdgeIntake:
         return gzipped
 
     async def _read(self, receive: Receive) -> bytes:
-        body = bytearray()
-        with anyio.fail_after(30.0):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise _Refused(400, "disconnected")
-                chunk = message.get("body", b"")
-                if len(body) + len(chunk) > self._max_body:
-                    raise _Refused(413, "batch too large")
-                body += chunk
-                if not message.get("more_body", False):
-                    return bytes(body)
+        try:
+            return await read_body(receive, self._max_body, _BODY_TIMEOUT)
+        except BodyTooLarge:
+            raise _Refused(413, "batch too large") from None
+        except BodyTooSlow:
+            raise _Refused(408, "batch not received in time") from None
+        except ClientGone:
+            raise _Refused(400, "disconnected") from None
 
     def _inflate(self, body: bytes) -> bytes:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing

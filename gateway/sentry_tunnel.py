@@ -21,11 +21,11 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Final
 
-import anyio
 from starlette.types import Receive, Scope, Send
 
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.events import ERROR_REPORT, Event
+from gateway.request_body import BodyTooLarge, BodyTooSlow, ClientGone, read_body
 from gateway.sentry_envelope import MAX_ENVELOPE_BYTES, EnvelopeError, parse_envelope
 
 __all__ = ["SentryTunnel"]
@@ -108,20 +108,11 @@ class SentryTunnel:
                     raise EnvelopeError(400, "bad content-length")
                 if int(text) > MAX_ENVELOPE_BYTES:
                     raise EnvelopeError(413, "envelope too large")
-        body = bytearray()
         try:
-            with anyio.fail_after(BODY_TIMEOUT_SECONDS):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise _Disconnected
-                    if message["type"] != "http.request":
-                        continue
-                    chunk = message.get("body", b"")
-                    if len(body) + len(chunk) > MAX_ENVELOPE_BYTES:
-                        raise EnvelopeError(413, "envelope too large")
-                    body += chunk
-                    if not message.get("more_body", False):
-                        return bytes(body)
-        except TimeoutError:
+            return await read_body(receive, MAX_ENVELOPE_BYTES, BODY_TIMEOUT_SECONDS)
+        except BodyTooLarge:
+            raise EnvelopeError(413, "envelope too large") from None
+        except BodyTooSlow:
             raise EnvelopeError(408, "envelope not received in time") from None
+        except ClientGone:
+            raise _Disconnected from None
