@@ -28,6 +28,7 @@ from gateway.beacon import BeaconEndpoint
 from gateway.consent_api import ConsentAPI
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.explain import flows_table, render_flows_html
+from gateway.http_io import send_simple
 from gateway.intake import CHALLENGE_PATH, EdgeIntake, FastlyChallenge
 from gateway.metrics import IntakeCollector, MetricsEndpoint
 from gateway.pixel import PixelEndpoint
@@ -39,29 +40,6 @@ if TYPE_CHECKING:
     from gateway.middleware import PrivacyGateway
 
 __all__ = ["Endpoints", "send_simple"]
-
-
-async def send_simple(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: bytes = b"text/plain; charset=utf-8",
-    extra_headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type),
-                (b"content-length", str(len(body)).encode()),
-                (b"cache-control", b"no-store"),
-                (b"x-content-type-options", b"nosniff"),
-                *extra_headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class Endpoints:

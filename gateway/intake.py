@@ -41,8 +41,8 @@ from gateway.config import Settings
 from gateway.consent import ConsentManager, sec_gpc_is_on
 from gateway.events import Event
 from gateway.geo import Geo
+from gateway.http_io import BodyTooLarge, BodyTooSlow, ClientGone, read_body, send_simple
 from gateway.pageview import PageviewDetector, is_bot, is_html_type, is_prefetch, primary_language
-from gateway.request_body import BodyTooLarge, BodyTooSlow, ClientGone, read_body
 
 __all__ = ["CHALLENGE_PATH", "OUTCOMES", "EdgeIntake", "FastlyChallenge"]
 
@@ -63,15 +63,6 @@ class _Refused(Exception):
         self.reason = reason
 
 
-async def _respond(send: Send, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8") -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]  # fmt: skip
-    if status in (401, 413):
-        headers.append((b"connection", b"close"))  # the unread body is still on the wire
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
 class FastlyChallenge:
     """``GET /.well-known/fastly/logging/challenge``: the hex SHA-256 of each service id, one per line."""
 
@@ -79,7 +70,7 @@ class FastlyChallenge:
         self.body = "".join(hashlib.sha256(s.encode()).hexdigest() + "\n" for s in service_ids).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _respond(send, 200, self.body)
+        await send_simple(send, 200, self.body)
 
 
 def _records(text: bytes) -> Iterator[Any]:
@@ -154,7 +145,7 @@ class EdgeIntake:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") != "POST":
-            await _respond(send, 405, b"method not allowed")
+            await send_simple(send, 405, b"method not allowed", extra_headers=((b"allow", b"POST"),))
             return
         try:
             gzipped = self._check_headers(scope)
@@ -162,7 +153,9 @@ class EdgeIntake:
             if gzipped:
                 body = self._inflate(body)
         except _Refused as refused:
-            await _respond(send, refused.status, refused.reason.encode())
+            # After a 401 or 413 the unread body is still on the wire: do not keep the connection.
+            close = ((b"connection", b"close"),) if refused.status in (401, 413) else ()
+            await send_simple(send, refused.status, refused.reason.encode(), extra_headers=close)
             return
         batch = dict.fromkeys(OUTCOMES, 0)
         now = self._clock()
@@ -172,7 +165,7 @@ class EdgeIntake:
             self.counts[outcome] += 1
             if index % _CHUNK == _CHUNK - 1:
                 await anyio.sleep(0)  # let other requests run between chunks of a large batch
-        await _respond(send, 200, json.dumps(batch, separators=(",", ":")).encode(), b"application/json")
+        await send_simple(send, 200, json.dumps(batch, separators=(",", ":")).encode(), b"application/json")
 
     def _check_headers(self, scope: Scope) -> bool:
         given = b""

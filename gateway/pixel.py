@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.clientid import ClientIdCookie
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.events import Event
-from gateway.pageview import PREFETCH_HEADERS, PageviewDetector, is_prefetch, primary_language_of
+from gateway.pageview import PREFETCH_HEADERS, PageviewDetector, is_prefetch, primary_language_of, request_hostname
 
 __all__ = ["GIF", "PixelEndpoint"]
 
@@ -72,13 +72,11 @@ class PixelEndpoint:
 
     def _count(self, scope: Scope) -> bytes | None:
         """Submit the page view this pixel stands for, if it is one; the new analytics id cookie, if one is due."""
-        referer = host = user_agent = accept_language = b""
+        referer = user_agent = accept_language = b""
         prefetch = False
         for name, value in scope.get("headers", ()):
             if name == b"referer":
                 referer = value
-            elif name == b"host":
-                host = host or value
             elif name == b"user-agent":
                 user_agent = value
             elif name == b"accept-language":
@@ -91,10 +89,9 @@ class PixelEndpoint:
             page_host = (parts.hostname or "").lower()
         except ValueError:
             return None
-        request_host = host.decode("latin-1").rsplit(":", 1)[0].lower() if host else ""
         if parts.scheme not in ("http", "https") or not page_host:
             return None
-        if page_host != request_host and page_host not in self._own_hosts:
+        if page_host != request_hostname(scope).lower() and page_host not in self._own_hosts:
             return None  # embedded elsewhere: not a view of this site
         agent = user_agent.decode("latin-1")
         if not self._detector.path_counts(parts.path or "/", agent, prefetch=prefetch):

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from gateway.config import DestinationSettings, Settings
-from gateway.policy import DestinationPolicy, is_sensitive, scrub_text
+from gateway.policy import DestinationPolicy, is_sensitive, origin, scrub_text
 
 __all__ = ["SentryScrubber", "make_before_send"]
 
@@ -83,7 +83,7 @@ class SentryScrubber:
             scrubbed = self.policy.page_url(stripped)
             if scrubbed is None:
                 return self.placeholder
-            return scrubbed if "url" in self.fields else _origin(scrubbed)
+            return scrubbed if "url" in self.fields else (origin(scrubbed) or self.placeholder)
         if stripped.startswith("/") and not stripped.startswith("//"):
             if "url" not in self.fields:
                 return "/"
@@ -197,11 +197,6 @@ class SentryScrubber:
 
 def _is_plain_key(name: str) -> bool:
     return len(name) <= 64 and name.replace("_", "").replace(".", "").replace("-", "").isalnum()
-
-
-def _origin(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('/', 1)[0]}/"
 
 
 def make_before_send(

@@ -18,14 +18,14 @@ view's, so the destination's ``fields`` and ``requires`` decide what of them Sen
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Final
 
 from starlette.types import Receive, Scope, Send
 
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.events import ERROR_REPORT, Event
-from gateway.request_body import BodyTooLarge, BodyTooSlow, ClientGone, read_body
+from gateway.http_io import BodyTooLarge, BodyTooSlow, ClientGone, read_body, send_simple
 from gateway.sentry_envelope import MAX_ENVELOPE_BYTES, EnvelopeError, parse_envelope
 
 __all__ = ["SentryTunnel"]
@@ -33,22 +33,10 @@ __all__ = ["SentryTunnel"]
 logger = logging.getLogger("gateway.sentry")
 
 BODY_TIMEOUT_SECONDS: Final = 5.0
-_JSON: Final = (b"content-type", b"application/json")
 
 
 class _Disconnected(Exception):
     pass
-
-
-async def _respond(send: Send, status: int, body: bytes, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    headers = [
-        _JSON if body.startswith(b"{") else (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 class SentryTunnel:
@@ -60,7 +48,7 @@ class SentryTunnel:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") != "POST":
-            await _respond(send, 405, b"method not allowed", ((b"allow", b"POST"),))
+            await send_simple(send, 405, b"method not allowed", extra_headers=((b"allow", b"POST"),))
             return
         try:
             body = await self._read(scope, receive)
@@ -72,11 +60,11 @@ class SentryTunnel:
         except EnvelopeError as error:
             logger.debug("sentry envelope refused: %d %s", error.status, error.reason)
             close = ((b"connection", b"close"),) if error.status in (408, 413) else ()
-            await _respond(send, error.status, error.reason.encode("ascii", "replace"), close)
+            await send_simple(send, error.status, error.reason.encode("ascii", "replace"), extra_headers=close)
             return
         except Exception:  # a bug must not become a 500 for a browser's error report; the line names no input
             logger.exception("sentry tunnel failed")
-            await _respond(send, 400, b"bad request")
+            await send_simple(send, 400, b"bad request")
             return
         context: PrivacyContext | None = scope.get("state", {}).get(STATE_KEY)
         user_agent = ""
@@ -96,7 +84,7 @@ class SentryTunnel:
                 source="server",
             )
         )
-        await _respond(send, 200, b"{}")
+        await send_simple(send, 200, b"{}", b"application/json")
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         for name, value in scope.get("headers", ()):

@@ -106,8 +106,7 @@ class SentrySink:
     def build(self, event: Event) -> Payload:
         if event.name != ERROR_REPORT:
             raise PolicyDrop("not_an_error_report")
-        if not self.requires <= event.granted:
-            raise PolicyDrop("consent")
+        self.scrubber.policy.check_consent(event)  # the dispatcher checks first; a sink never builds without it
         try:
             envelope = parse_envelope(event.props.get("envelope", "").encode("latin-1"))
         except (EnvelopeError, UnicodeEncodeError):
