@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import secrets
@@ -20,11 +19,12 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import uvicorn
 
 from gateway.config import Settings, load_settings
+from gateway.delivery.deliverer import DelivererSupervisor, deliverer_env
 from gateway.logs import configure_logging, get_logger, log_event
 from gateway.middleware import PrivacyGateway
 from gateway.proxy import ReverseProxy
@@ -41,36 +41,10 @@ def create_app(settings: Settings) -> PrivacyGateway:
     return PrivacyGateway(proxy, settings, readiness=proxy.ready, access_log=settings.server.access_log)
 
 
-# Held open for the worker's lifetime: the flock on it reserves one spool slot (closing would release it).
-_slot_lock: IO[bytes] | None = None
-
-
-def _claim_spool_slot(base: str, slots: int = 64) -> str:
-    """A spool file belongs to one process: each worker claims the first free ``<path>.wN`` slot.
-
-    Slots are stable across restarts (worker 0 finds ``.w0`` again and replays it), unlike a path by PID.
-    """
-    global _slot_lock
-    Path(base).parent.mkdir(parents=True, exist_ok=True)
-    for slot in range(slots):
-        path = f"{base}.w{slot}"
-        lock = open(f"{path}.slot", "ab")  # noqa: SIM115 - kept open on purpose
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        _slot_lock = lock
-        return path
-    raise RuntimeError(f"no free spool slot for {base!r} among {slots}")
-
-
 def app_factory() -> PrivacyGateway:
-    """Entry point for ``uvicorn --factory`` and multi-worker ``gateway serve``."""
-    path = os.environ.get(CONFIG_ENV) or None
-    settings = load_settings(path)
-    if settings.spool.enabled and os.environ.get(WORKERS_ENV, "1") != "1":
-        settings = load_settings(path, overrides={"spool": {"path": _claim_spool_slot(settings.spool.path)}})
+    """Entry point for ``uvicorn --factory`` and multi-worker ``gateway serve`` (deliverer mode comes from the
+    environment ``serve`` sets: ``GATEWAY_DISPATCH__MODE=deliverer``)."""
+    settings = load_settings(os.environ.get(CONFIG_ENV) or None)
     configure_logging(settings.logging.level)
     return create_app(settings)
 
@@ -171,17 +145,40 @@ def serve(config_path: str | None, *, host: str | None, port: int | None, worker
     if not settings.upstream.url:
         print("config error: upstream.url: '' is required for gateway serve", file=sys.stderr)
         return 2
-    if workers > 1:
-        os.environ[CONFIG_ENV] = os.path.abspath(config_path)
-        os.environ[WORKERS_ENV] = str(workers)
-        with _shared_consent_key(settings):
-            options = uvicorn_options(settings, host=host, port=port)
-            uvicorn.run("gateway.app:app_factory", factory=True, workers=workers, **options)
-        return 0
+    if workers > 1 or settings.dispatch.mode == "deliverer":
+        return _serve_workers(config_path, settings, host=host, port=port, workers=workers)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), **uvicorn_options(settings, host=host, port=port)))
     _graceful_sigterm(server)
     server.run()
     return 0 if server.started else 1
+
+
+def _serve_workers(config_path: str, settings: Settings, *, host: str, port: int, workers: int) -> int:
+    """Request workers (uvicorn's supervisor restarts any that die) plus the host's one deliverer, supervised.
+
+    Stop order matters: the workers stop first (each writes what it still holds to the host spool), then the
+    deliverer gets SIGTERM and finishes what is in flight; everything else waits in the spool for the next start.
+    """
+    if not settings.spool.enabled:
+        print("config error: spool.enabled: false (several workers hand events off through the spool)", file=sys.stderr)
+        return 2
+    os.environ[CONFIG_ENV] = os.path.abspath(config_path)
+    os.environ[WORKERS_ENV] = str(workers)
+    os.environ["GATEWAY_DISPATCH__MODE"] = "deliverer"
+    with _shared_consent_key(settings):
+        supervisor = DelivererSupervisor(os.path.abspath(config_path), deliverer_env())
+        supervisor.start()
+        try:
+            options = uvicorn_options(settings, host=host, port=port)
+            if workers > 1:
+                uvicorn.run("gateway.app:app_factory", factory=True, workers=workers, **options)
+            else:
+                server = uvicorn.Server(uvicorn.Config(app_factory(), **options))
+                _graceful_sigterm(server)
+                server.run()
+        finally:
+            supervisor.stop(settings.dispatch.shutdown_timeout + 10.0)
+    return 0
 
 
 def _serve_demo(host: str, port: int) -> int:

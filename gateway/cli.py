@@ -1,6 +1,7 @@
 """The ``gateway`` command.
 
 gateway serve   [--config FILE] [--host H] [--port P] [--workers N]   no config: the zero-config demo
+gateway deliver --config FILE                                           the host's delivery process (sidecar)
 gateway check   --config FILE                                           exit 0 (warnings on stderr), or one error
                                                                         line and exit 2
 gateway explain --config FILE [--url URL] [--consent granted|denied|none] [--gpc]
@@ -33,6 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: server.host)")
     serve.add_argument("--port", type=int, help="bind port (default: server.port)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+
+    deliver = commands.add_parser(
+        "deliver", help="run the host's delivery process (sidecar for workers in dispatch.mode = 'deliverer')"
+    )
+    deliver.add_argument("--config", required=True, help="the same settings file the request workers use")
 
     check = commands.add_parser("check", help="validate a settings file")
     check.add_argument("--config", required=True)
@@ -81,6 +87,10 @@ def _run(args: argparse.Namespace) -> int:
         from gateway.app import serve
 
         return serve(args.config, host=args.host, port=args.port, workers=args.workers)
+    if command == "deliver":
+        from gateway.delivery.deliverer import run_deliverer
+
+        return run_deliverer(load_settings(args.config, overrides={"dispatch": {"mode": "deliverer"}}))
     if command == "check":
         return _check(args.config)
     if command == "explain":

@@ -351,6 +351,13 @@ class DispatchSettings:
     flush_interval: float = 0.2
     # On shutdown: time to deliver what is queued before the rest goes to the spool.
     shutdown_timeout: float = 5.0
+    # "in_process": this process delivers (one process). "deliverer": request workers write filtered payloads to the
+    # host's spool (spool.path) and one `gateway deliver` process per host sends them and keeps the books
+    # (`gateway serve --workers N` runs it for you). See README "Deploying".
+    mode: Literal["in_process", "deliverer"] = "in_process"
+    # Deliverer mode: how often a request worker writes its buffered payloads to the host spool, in seconds. A worker
+    # killed with SIGKILL loses at most the events of this last interval.
+    handoff_interval: float = 0.01
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -793,7 +800,14 @@ def _validate(s: Settings) -> None:
             "circuit_reset_seconds",
             "flush_interval",
             "shutdown_timeout",
+            "handoff_interval",
         ),
+    )
+    _check(
+        s.dispatch.mode != "deliverer" or s.spool.enabled,
+        "dispatch.mode",
+        s.dispatch.mode,
+        "needs spool.enabled = true (the host spool is the handoff)",
     )
     _check_positive(s.spool, "spool", ("max_rows", "max_bytes"))
     _check_networks("metrics.allow", s.metrics.allow)

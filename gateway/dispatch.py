@@ -266,6 +266,7 @@ class _Lane:
         self.summary_version = -1  # spool_version the last summary reflects
         self.spool_oldest: float | None = None
         self.spool_next_due: float | None = None
+        self.settling: dict[str, list[str]] = {}  # host mode: rows settled, to delete and count in one commit
 
         # books
         self.accepted = 0
@@ -381,12 +382,16 @@ class Dispatcher:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         ttls: Mapping[str, float] | None = None,
+        host: bool = False,
     ) -> None:
         names = [sink.name for sink in sinks]
         if len(set(names)) != len(names):
             raise ValueError(f"destination names must be unique, got {names}")
         self.settings = settings
         self.spool_settings = spool
+        # Deliverer mode: request workers put payloads in the host spool; this process only sends them, and every
+        # outcome is counted in the host books (gateway.delivery.books) in the commit that deletes its row.
+        self._host = host
         self._clock = clock
         self._transports = dict(transports or {})
         self._transport = transport
@@ -418,6 +423,7 @@ class Dispatcher:
         self._clients: list[httpx.AsyncClient | UpstreamTransport] = []
         self._senders: list[asyncio.Task[None]] = []
         self._keepers: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
         self._log = _LogThrottle()
 
     def __repr__(self) -> str:
@@ -430,6 +436,10 @@ class Dispatcher:
     @property
     def destinations(self) -> tuple[str, ...]:
         return tuple(lane.name for lane in self._lanes)
+
+    @property
+    def spool_open(self) -> bool:
+        return self._spool is not None
 
     # ----------------------------------------------------------------------------------------------------------
     # hot path
@@ -500,11 +510,16 @@ class Dispatcher:
             for index in range(lane.senders):
                 self._senders.append(asyncio.create_task(self._sender(lane), name=f"dispatch-{lane.name}-{index}"))
             self._keepers.append(asyncio.create_task(self._keeper(lane), name=f"dispatch-{lane.name}-keeper"))
+        if self._host and self._spool is not None:
+            self._heartbeat = asyncio.create_task(self._beat(), name="dispatch-heartbeat")
 
     async def _open_spool(self) -> None:
-        spool = Spool(self.spool_settings)
+        spool = Spool(self.spool_settings, host=self._host)
+        recovered: Mapping[str, int] = {}
         try:
             await self._run(spool.open)
+            if self._host:
+                recovered = await self._run(spool.recover_sending, retry=self.settings.retry_ambiguous)
             rows = spool.rows_by_destination()
             unknown = sorted(name for name in rows if name not in self._by_name)
             if unknown:
@@ -520,6 +535,16 @@ class Dispatcher:
             return
         self._spool = spool
         self._spool_available = True
+        if recovered:
+            log.warning(
+                "spool: %d payloads were on the wire when the last deliverer stopped; counted as %s",
+                sum(recovered.values()),
+                "ambiguous_retried and sent again" if self.settings.retry_ambiguous else "ambiguous, not sent again",
+            )
+        if self._host:
+            for lane in self._lanes:
+                lane.spool_rows = rows.get(lane.name, 0)
+            return
         if spool.recovered_leases:
             log.warning(
                 "spool: %d payloads were in flight when the last process stopped; they will be sent again",
@@ -589,6 +614,10 @@ class Dispatcher:
         for lane in self._lanes:
             lane.keeper_exit = True
             lane.keeper_wake.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
         await asyncio.gather(*self._keepers, return_exceptions=True)
         for task in self._senders:
             task.cancel()
@@ -598,6 +627,7 @@ class Dispatcher:
         now = self._clock()
         for lane in self._lanes:
             self._settle_cancelled_flights(lane, now)
+            self._flush_settling(lane)
             await self._final_spill(lane, now)
         self._running = False
         for client in self._clients:
@@ -722,9 +752,34 @@ class Dispatcher:
                 item.payload.event_id, lane.name, reason, item.payload, item.accepted_at, item.attempts, self._clock()
             )
             self._fire(lane, spool.dead_letter, [letter])
+        elif had_row and self._host:
+            # Deleted and counted in one commit, for every row settled in this turn of the loop together.
+            key = f"dropped_policy:{reason}" if outcome == "dropped_policy" else outcome
+            if not lane.settling:
+                asyncio.get_running_loop().call_soon(self._flush_settling, lane)
+            lane.settling.setdefault(key, []).append(item.payload.event_id)
         elif had_row:
             # For a SPILLING item this runs after its insert: the spool thread keeps submission order.
             self._fire(lane, spool.delete, lane.name, [item.payload.event_id])
+
+    def _flush_settling(self, lane: _Lane) -> None:
+        if lane.settling and self._spool is not None:
+            batch, lane.settling = lane.settling, {}
+            self._fire(lane, self._spool.settle, lane.name, batch)
+
+    async def _beat(self) -> None:
+        """Host mode: tell the request workers' metrics that this deliverer lives, and its circuits' states."""
+        pid = os.getpid()
+        while self._spool is not None:
+            state = {
+                lane.name: {"circuit_state": lane.circuit, "consecutive_failures": lane.failures}
+                for lane in self._lanes
+            }
+            try:
+                await self._run(self._spool.heartbeat, pid, state)
+            except Exception as exc:
+                log.error("spool: heartbeat failed: %s", type(exc).__name__)
+            await asyncio.sleep(1.0)
 
     def _dead_letter_unbuilt(self, lane: _Lane, event: Event, reason: str) -> None:
         lane.dead_lettered += 1
@@ -733,7 +788,7 @@ class Dispatcher:
             letter = DeadLetter(event.event_id, lane.name, reason, None, event.timestamp, 0, self._clock())
             self._fire(lane, self._spool.dead_letter, [letter])
 
-    def _reschedule(self, lane: _Lane, item: _Item, next_at: float, error: str) -> None:
+    def _reschedule(self, lane: _Lane, item: _Item, next_at: float, error: str, *, retried: int = 0) -> None:
         """Keep an item pending until ``next_at``: in the retry heap, or as an unleased spool row."""
         item.next_at = next_at
         item.last_error = error
@@ -744,18 +799,18 @@ class Dispatcher:
             else:
                 self._finish(lane, item, "dropped_overflow", "retry queue full")
         elif item.state == _SPOOLED:
-            self._release([item], lane)
+            self._release([item], lane, retried)
         elif item.state == _SPILLING:
             item.state = _RELEASING
-            self._release([item], lane)
+            self._release([item], lane, retried)
 
     def _return(self, lane: _Lane, item: _Item) -> None:
         """An item that was taken but not sent goes back where it came from, without counting an attempt."""
         self._reschedule(lane, item, item.next_at, item.last_error)
 
-    def _release(self, items: list[_Item], lane: _Lane) -> None:
+    def _release(self, items: list[_Item], lane: _Lane, retried: int = 0) -> None:
         if self._spool is not None:
-            self._fire(lane, self._spool.release, [item.row() for item in items])
+            self._fire(lane, self._spool.release, [item.row() for item in items], retried)
 
     def _build(self, lane: _Lane, event: Event, now: float, born_tick: int = 0) -> _Item | None:
         try:
@@ -805,6 +860,8 @@ class Dispatcher:
             lane.inflight.discard(flight)
             if lane.draining and lane.memory_empty():
                 lane.keeper_wake.set()
+            elif self._host and len(lane.ready) < lane.ready_low:
+                lane.keeper_wake.set()  # lease the next rows now rather than at the next tick
 
     def _take(self, lane: _Lane) -> _Flight | None:
         now = self._clock()
@@ -894,6 +951,17 @@ class Dispatcher:
         except Exception as exc:
             self._dead_letter(lane, items, f"internal:{type(exc).__name__}")
             return
+        if self._host and self._spool is not None:
+            # Durably "on the wire" before it is: a deliverer killed now counts it as ambiguous at its next start
+            # instead of sending it twice.
+            try:
+                await self._run(self._spool.mark_sending, lane.name, [item.payload.event_id for item in items])
+            except Exception as exc:
+                log.error("%s: spool write failed: %s", lane.name, type(exc).__name__)
+                for item in items:
+                    if item.in_flight and item.state != _DONE:
+                        self._return(lane, item)
+                return
         for item in items:
             item.attempts += 1
             item.sending = True
@@ -982,7 +1050,7 @@ class Dispatcher:
                 self._finish(lane, item, "dropped_expired")
                 continue
             lane.retried += 1
-            self._reschedule(lane, item, next_at, reason)
+            self._reschedule(lane, item, next_at, reason, retried=1)
 
     def _failure(self, lane: _Lane, now: float, reason: str) -> None:
         lane.failures += 1
@@ -1081,7 +1149,14 @@ class Dispatcher:
             lane.spool_oldest is not None and now - lane.spool_oldest > lane.ttl
         )
         load = 0
-        if not lane.draining and lane.spool_rows > len(lane.ready) and len(lane.ready) < lane.ready_low:
+        if self._host:
+            # Other processes add rows: look every tick (one indexed query) instead of trusting our own counts.
+            if not lane.draining and len(lane.ready) < lane.ready_low:
+                if not lane.unhealthy(now):
+                    load = lane.ready_high - len(lane.ready)
+                elif lane.circuit == CIRCUIT_HALF_OPEN and not lane.probing and lane.memory_empty():
+                    load = 1
+        elif not lane.draining and lane.spool_rows > len(lane.ready) and len(lane.ready) < lane.ready_low:
             due = (
                 lane.spool_next_due is None or lane.spool_next_due <= now or lane.summary_version != lane.spool_version
             )
@@ -1089,7 +1164,7 @@ class Dispatcher:
                 load = lane.ready_high - len(lane.ready)
             elif due and lane.circuit == CIRCUIT_HALF_OPEN and not lane.probing and lane.memory_empty():
                 load = 1
-        stale = lane.summary_version != lane.spool_version
+        stale = lane.summary_version != lane.spool_version or self._host
         if items or leased or purge or load or stale:
             await self._spill(lane, items, leased, now, purge=purge, load=load, final=False)
 
@@ -1145,6 +1220,8 @@ class Dispatcher:
             lane.summary_version = version
             lane.spool_oldest = result.summary.oldest_accepted_at
             lane.spool_next_due = result.summary.next_due
+            if self._host:
+                lane.spool_rows = result.summary.rows
         if result.loaded:
             self._wake_if_work(lane, self._clock())
 

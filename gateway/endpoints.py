@@ -27,10 +27,12 @@ from starlette.types import Receive, Scope, Send
 from gateway.beacon import BeaconEndpoint
 from gateway.consent_api import ConsentAPI
 from gateway.context import STATE_KEY, PrivacyContext
+from gateway.delivery.handoff import Handoff
+from gateway.dispatch import Dispatcher
 from gateway.explain import flows_table, render_flows_html
 from gateway.http_io import send_simple
 from gateway.intake import CHALLENGE_PATH, EdgeIntake, FastlyChallenge
-from gateway.metrics import IntakeCollector, MetricsEndpoint
+from gateway.metrics import HandoffCollector, HostBooks, IntakeCollector, MetricsEndpoint
 from gateway.pixel import PixelEndpoint
 from gateway.receipts import open_receipt_log
 from gateway.sentry_tunnel import SentryTunnel
@@ -53,11 +55,16 @@ class Endpoints:
         self._consent_api = ConsentAPI(settings, gateway.consent, receipts)
         self._beacon = BeaconEndpoint(settings, gateway.dispatcher.submit)
         backlog = getattr(receipts, "backlog", None)  # receipts waiting for PostgreSQL on this host
-        self._metrics = (
-            MetricsEndpoint(settings.metrics, gateway.dispatcher, receipts_backlog=backlog)
-            if settings.metrics.enabled
-            else None
-        )
+        delivery = gateway.dispatcher
+        self._metrics: MetricsEndpoint | None = None
+        self._handoff = delivery if isinstance(delivery, Handoff) else None
+        if settings.metrics.enabled and isinstance(delivery, Handoff):
+            # Deliverer mode: the host's books from the spool, whichever worker answers; this worker's own counters.
+            books = HostBooks(settings.spool.path, delivery.destinations)
+            self._metrics = MetricsEndpoint(settings.metrics, books, receipts_backlog=backlog, blocking=True)
+            self._metrics.registry.register(HandoffCollector(delivery))
+        elif settings.metrics.enabled and isinstance(delivery, Dispatcher):
+            self._metrics = MetricsEndpoint(settings.metrics, delivery, receipts_backlog=backlog)
         sentry_sinks = [s for s in gateway.dispatcher.sinks if isinstance(s, SentrySink)]
         self._sentry = (
             SentryTunnel(lambda dsn: any(s.allows_dsn(dsn) for s in sentry_sinks), gateway.dispatcher.submit)
@@ -91,7 +98,9 @@ class Endpoints:
             )  # fmt: skip
             self._routes[f"{prefix}/intake/fastly"] = "intake"
             if self._metrics is not None:
-                self._metrics.registry.register(IntakeCollector(self.intake.counts))
+                handoff = self._handoff
+                worker = (lambda: handoff.worker) if handoff is not None else None
+                self._metrics.registry.register(IntakeCollector(self.intake.counts, worker))
         self._challenge = FastlyChallenge(settings.fastly.service_ids) if settings.fastly.service_ids else None
         if self._challenge is not None:
             self._routes[CHALLENGE_PATH] = "challenge"

@@ -14,18 +14,38 @@ one process do not collide.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import Receive, Scope, Send
 
 from gateway.config import MetricsSettings
-from gateway.dispatch import Dispatcher
 
-__all__ = ["DispatchCollector", "MetricsEndpoint"]
+__all__ = ["DispatchCollector", "HandoffCollector", "HostBooks", "MetricsEndpoint"]
+
+
+class StatsSource(Protocol):
+    """Per destination: counters and gauges (:meth:`gateway.dispatch.Dispatcher.stats`, :class:`HostBooks`)."""
+
+    def stats(self) -> Mapping[str, Mapping[str, float]]: ...
+
+
+class HostBooks:
+    """Deliverer mode: the host's books, read from the host spool at scrape time (same numbers in every worker)."""
+
+    def __init__(self, path: str, destinations: Iterable[str]) -> None:
+        self.path = path
+        self.destinations = tuple(destinations)
+
+    def stats(self) -> Mapping[str, Mapping[str, float]]:
+        from gateway.delivery.books import read_host_stats
+
+        return read_host_stats(self.path, self.destinations)
+
 
 PREFIX: Final = "gateway_dispatch"
 
@@ -60,7 +80,7 @@ _BEARER: Final = "bearer "
 class DispatchCollector:
     """A prometheus_client collector that reads the dispatcher's books at scrape time."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: StatsSource) -> None:
         self.dispatcher = dispatcher
 
     def collect(self) -> Iterable[Metric]:
@@ -77,7 +97,10 @@ class DispatchCollector:
             key: GaugeMetricFamily(f"{PREFIX}_{key}", text, labels=["destination"]) for key, text in GAUGES.items()
         }
         spool_available = 0.0
+        heartbeat_age: float | None = None
         for destination, values in stats.items():
+            if "deliverer_heartbeat_age_seconds" in values:
+                heartbeat_age = values["deliverer_heartbeat_age_seconds"]
             for key, counter in counters.items():
                 counter.add_metric([destination], values.get(key, 0.0))
             for key, gauge in gauges.items():
@@ -90,6 +113,43 @@ class DispatchCollector:
         yield policy
         yield from gauges.values()
         yield GaugeMetricFamily(f"{PREFIX}_spool_available", "1 if the durable spool is open.", value=spool_available)
+        if heartbeat_age is not None:
+            yield GaugeMetricFamily(
+                "gateway_deliverer_heartbeat_age_seconds",
+                "Seconds since the host's deliverer last ticked (-1: it never ran on this spool).",
+                value=heartbeat_age,
+            )
+
+
+class WorkerStats(Protocol):
+    worker: str
+
+    def stats(self) -> Mapping[str, float]: ...
+
+
+class HandoffCollector:
+    """A request worker's own handoff counters, labelled ``worker`` (the host's books are not per worker)."""
+
+    def __init__(self, handoff: WorkerStats) -> None:
+        self.handoff = handoff
+
+    def collect(self) -> Iterable[Metric]:
+        worker = self.handoff.worker
+        stats = self.handoff.stats()
+        texts = {
+            "handed_off": "Events this request worker wrote to the host spool.",
+            "refused": "Events submitted after this worker began to stop.",
+            "write_errors": "Failed writes to the host spool (retried with the next interval).",
+        }
+        for key, text in texts.items():
+            family = CounterMetricFamily(f"gateway_handoff_{key}", text, labels=["worker"])
+            family.add_metric([worker], stats.get(key, 0.0))
+            yield family
+        buffered = GaugeMetricFamily(
+            "gateway_handoff_buffered", "Events in this worker's memory, not yet written.", labels=["worker"]
+        )
+        buffered.add_metric([worker], stats.get("buffered", 0.0))
+        yield buffered
 
 
 class ReceiptBacklogCollector:
@@ -109,17 +169,20 @@ class ReceiptBacklogCollector:
 class IntakeCollector:
     """Edge log records (gateway.intake) by outcome: ``event`` or the reason each was skipped."""
 
-    def __init__(self, counts: Mapping[str, int]) -> None:
+    def __init__(self, counts: Mapping[str, int], worker: Callable[[], str] | None = None) -> None:
         self.counts = counts
+        self.worker = worker  # several workers per host: each counts its own records, labelled
 
     def collect(self) -> Iterable[Metric]:
+        labels = ["outcome", "worker"] if self.worker is not None else ["outcome"]
         family = CounterMetricFamily(
             "gateway_intake_records",
             "Edge log records: turned into an event, or skipped (by reason).",
-            labels=["outcome"],
+            labels=labels,
         )
+        worker = [self.worker()] if self.worker is not None else []
         for outcome, count in self.counts.items():
-            family.add_metric([outcome], float(count))
+            family.add_metric([outcome, *worker], float(count))
         yield family
 
 
@@ -135,11 +198,14 @@ class MetricsEndpoint:
     def __init__(
         self,
         settings: MetricsSettings,
-        dispatcher: Dispatcher,
+        dispatcher: StatsSource,
         *,
         receipts_backlog: Callable[[], int] | None = None,
+        blocking: bool = False,
     ) -> None:
         self.settings = settings
+        # The host books are read from SQLite: render in a thread, not on the event loop.
+        self._blocking = blocking
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(DispatchCollector(dispatcher))
         if receipts_backlog is not None:
@@ -178,7 +244,7 @@ class MetricsEndpoint:
         elif not self.authorized(scope, client_allowed=client_allowed):
             await _respond(send, 403, b"forbidden\n")
         else:
-            body = self.render()
+            body = await asyncio.to_thread(self.render) if self._blocking else self.render()
             await _respond(
                 send,
                 200,

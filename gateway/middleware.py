@@ -32,6 +32,8 @@ from gateway.config import Settings, load_settings
 from gateway.consent import ConsentManager, dnt_is_on, sec_gpc_is_on
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.cookies import CookieGuard, OwnedCookies
+from gateway.delivery import Delivery
+from gateway.delivery.handoff import Handoff
 from gateway.dispatch import Dispatcher
 from gateway.endpoints import Endpoints
 from gateway.events import Event
@@ -68,7 +70,7 @@ class PrivacyGateway:
         app: ASGIApp,
         settings: Settings | None = None,
         *,
-        dispatcher: Dispatcher | None = None,
+        dispatcher: Delivery | None = None,
         geo: Geo | None = None,
         readiness: ReadinessCheck | None = None,
         access_log: bool = False,
@@ -92,10 +94,14 @@ class PrivacyGateway:
         )
         if dispatcher is None:
             sinks = build_sinks(settings)
-            transports = {s.name: DryRunTransport(s.name) for s in sinks if s.dry_run}
-            ttls = {name: dest.ttl_seconds for name, dest in settings.destinations.items()}
-            dispatcher = Dispatcher(sinks, settings.dispatch, settings.spool, transports=transports, ttls=ttls)
-        self.dispatcher = dispatcher
+            if settings.dispatch.mode == "deliverer":
+                # Several workers per host: hand payloads to the host spool; `gateway deliver` sends them.
+                dispatcher = Handoff(sinks, settings)
+            else:
+                transports = {s.name: DryRunTransport(s.name) for s in sinks if s.dry_run}
+                ttls = {name: dest.ttl_seconds for name, dest in settings.destinations.items()}
+                dispatcher = Dispatcher(sinks, settings.dispatch, settings.spool, transports=transports, ttls=ttls)
+        self.dispatcher: Delivery = dispatcher
         # Destinations that identify a client by the first-party id cookie, and the consent each needs.
         self._client_id_requirements = tuple(
             frozenset(d.requires) for d in settings.destinations.values() if d.kind == "ga4" and d.client_id == "cookie"

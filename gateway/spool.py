@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from gateway.config import SpoolSettings
+from gateway.delivery import books
 from gateway.sinks import Payload
 
 __all__ = [
@@ -110,6 +111,11 @@ _LEASE_SQL: Final = (
     f" ORDER BY next_at LIMIT ?3) RETURNING {_ROW_COLUMNS}"
 )
 _SELECT_ROWS_SQL: Final = f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608
+_INSERT_SQL: Final = (
+    "INSERT OR IGNORE INTO payloads (event_id, destination, body, headers, batch_key, created_at,"
+    " accepted_at, attempts, next_at, leased, last_error, size)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 class SpoolError(Exception):
@@ -187,8 +193,14 @@ def _decode(record: Sequence[Any]) -> SpoolRow:
 class Spool:
     """The SQLite spool. Call :meth:`open` first; every method runs one short transaction."""
 
-    def __init__(self, settings: SpoolSettings) -> None:
+    def __init__(self, settings: SpoolSettings, *, host: bool = False, owner: bool = True) -> None:
         self.settings = settings
+        # Deliverer mode: the host's one spool, written by every request worker; each change is counted in the
+        # host books (gateway.delivery.books) within its own transaction.
+        self.host = host
+        # The owner (the in-process dispatcher, or the deliverer) holds the file's lock; request workers that only
+        # hand payloads off (hand_off) do not.
+        self.owner = owner
         self.path = Path(settings.path)
         self._conn: sqlite3.Connection | None = None
         self._lock_file: IO[bytes] | None = None
@@ -209,7 +221,8 @@ class Spool:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            if self.owner:
+                self._lock()
             # Create the file owner-only before SQLite does: it holds (minimised) visitor data, and SQLite gives
             # the -wal and -shm files the same permissions as the database file.
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
@@ -259,8 +272,14 @@ class Spool:
         if version == 0:
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        # Leases belong to the process that took them; that process is gone.
-        self.recovered_leases = conn.execute("UPDATE payloads SET leased = 0 WHERE leased = 1").rowcount
+        if self.host:
+            conn.executescript(books.SCHEMA)
+        if not self.owner:
+            return  # leases and in-memory totals are the owner's business
+        # Leases belong to the process that took them; that process is gone. In host mode rows marked as on the
+        # wire (leased = 2) stay for recover_sending(): they may have arrived, so sending them again could count twice.
+        held = "leased = 1" if self.host else "leased != 0"
+        self.recovered_leases = conn.execute(f"UPDATE payloads SET leased = 0 WHERE {held}").rowcount  # noqa: S608
         self._rows, self._bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM payloads").fetchone()
         self._rows_by_destination = dict(
             conn.execute("SELECT destination, count(*) FROM payloads GROUP BY destination").fetchall()
@@ -339,9 +358,7 @@ class Spool:
                     continue
                 payload = row.payload
                 cursor = conn.execute(
-                    "INSERT OR IGNORE INTO payloads (event_id, destination, body, headers, batch_key, created_at,"
-                    " accepted_at, attempts, next_at, leased, last_error, size)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _INSERT_SQL,
                     (payload.event_id, payload.destination, body, headers, payload.batch_key, payload.created_at,
                      row.accepted_at, row.attempts, row.next_at, int(leased), row.last_error, size),
                 )  # fmt: skip
@@ -351,6 +368,56 @@ class Spool:
                 else:
                     duplicates.append(row.event_id)
         return PutResult(tuple(inserted), tuple(duplicates), tuple(rejected), tuple(invalid))
+
+    def hand_off(self, rows: Sequence[SpoolRow], counts: Mapping[str, Mapping[str, int]]) -> int:
+        """Host mode, request workers: insert built payloads and add their books in one commit; return rows inserted.
+
+        ``counts`` per destination: what the caller decided (``accepted``, ``dropped_policy:consent``, ...). Rows
+        over the caps (max_rows, max_bytes across the host) are not inserted and counted as ``dropped_overflow``.
+        """
+        limit_rows, limit_bytes = self.settings.max_rows, self.settings.max_bytes
+        extra: dict[str, dict[str, int]] = {}
+        with self._transaction() as conn:
+            total_rows, total_bytes = conn.execute("SELECT rows, bytes FROM totals WHERE id = 1").fetchone()
+            by_destination: dict[str, list[tuple[Any, ...]]] = {}
+            for row in rows:
+                payload = row.payload
+                try:
+                    body, headers, size = _encode(row)
+                except (TypeError, ValueError):
+                    reason = "dropped_policy:unserialisable"
+                    extra.setdefault(payload.destination, {})[reason] = (
+                        extra.get(payload.destination, {}).get(reason, 0) + 1
+                    )
+                    continue
+                if total_rows + 1 > limit_rows or total_bytes + size > limit_bytes:
+                    counts_for = extra.setdefault(payload.destination, {})
+                    counts_for["dropped_overflow"] = counts_for.get("dropped_overflow", 0) + 1
+                    continue
+                total_rows += 1
+                total_bytes += size
+                by_destination.setdefault(payload.destination, []).append(
+                    (payload.event_id, payload.destination, body, headers, payload.batch_key, payload.created_at,
+                     row.accepted_at, row.attempts, row.next_at, 0, row.last_error, size)
+                )  # fmt: skip
+            inserted = 0
+            for destination, records in by_destination.items():
+                added = max(conn.executemany(_INSERT_SQL, records).rowcount, 0)
+                inserted += added
+                if added < len(records):  # an event id seen before: the first copy counts
+                    counts_for = extra.setdefault(destination, {})
+                    counts_for["dropped_policy:duplicate"] = len(records) - added
+            for destination in {*counts, *extra}:
+                merged = dict(counts.get(destination, {}))
+                for name, value in extra.get(destination, {}).items():
+                    merged[name] = merged.get(name, 0) + value
+                books.add_counts(conn, destination, merged)
+        return inserted
+
+    def heartbeat(self, pid: int, state: Mapping[str, Mapping[str, float]]) -> None:
+        """Host mode: the deliverer's tick, with each destination's circuit state, for the workers' metrics."""
+        with self._transaction() as conn:
+            books.write_heartbeat(conn, pid, state)
 
     def lease_due(self, destination: str, now: float, limit: int) -> list[SpoolRow]:
         """Lease up to ``limit`` unleased rows due at ``now``, earliest first."""
@@ -362,17 +429,24 @@ class Spool:
         rows.sort(key=lambda row: row.next_at)  # RETURNING has no defined order
         return rows
 
-    def release(self, rows: Iterable[SpoolRow]) -> int:
-        """Give leased rows back with their new schedule (attempts, next_at, last_error); missing rows are ignored."""
+    def release(self, rows: Iterable[SpoolRow], retried: int = 0) -> int:
+        """Give leased rows back with their new schedule (attempts, next_at, last_error); missing rows are ignored.
+
+        ``retried``: retry attempts this release schedules, counted in the host books.
+        """
+        rows = list(rows)
         with self._transaction() as conn:
             cursor = conn.executemany(
                 "UPDATE payloads SET leased = 0, attempts = ?, next_at = ?, last_error = ?"
                 " WHERE destination = ? AND event_id = ?",
                 [(row.attempts, row.next_at, row.last_error, row.destination, row.event_id) for row in rows],
             )
+            if self.host and retried and rows:
+                books.add_counts(conn, rows[0].destination, {"retried": retried})
             return max(cursor.rowcount, 0)
 
-    def delete(self, destination: str, event_ids: Iterable[str]) -> int:
+    def delete(self, destination: str, event_ids: Iterable[str], outcome: str = "") -> int:
+        """Delete settled rows; in host mode also count ``outcome`` for each deleted row, in the same commit."""
         deleted = 0
         with self._transaction() as conn:
             for event_id in event_ids:
@@ -383,7 +457,53 @@ class Spool:
                 if record is not None:
                     self._count(destination, -1, -record[0])
                     deleted += 1
+            if self.host and outcome:
+                books.add_counts(conn, destination, {outcome: deleted})
         return deleted
+
+    def settle(self, destination: str, outcomes: Mapping[str, Sequence[str]]) -> int:
+        """Host mode: delete rows by outcome (``{"delivered": [event ids]}``) and count them, in one commit."""
+        deleted = 0
+        with self._transaction() as conn:
+            counts: dict[str, int] = {}
+            for outcome, event_ids in outcomes.items():
+                records = conn.executemany(
+                    "DELETE FROM payloads WHERE destination = ? AND event_id = ?",
+                    [(destination, event_id) for event_id in event_ids],
+                )
+                counts[outcome] = max(records.rowcount, 0)
+                deleted += counts[outcome]
+            books.add_counts(conn, destination, counts)
+        return deleted
+
+    def mark_sending(self, destination: str, event_ids: Sequence[str]) -> None:
+        """Host mode: these leased rows are about to go on the wire (``leased = 2``), durably, before they do."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE payloads SET leased = 2 WHERE destination = ? AND event_id = ?",
+                [(destination, event_id) for event_id in event_ids],
+            )
+
+    def recover_sending(self, *, retry: bool) -> dict[str, int]:
+        """Host mode, at start: rows that were on the wire when the last deliverer died, per destination.
+
+        They may have arrived. With ``retry`` (dispatch.retry_ambiguous) they are sent again and counted as
+        ``ambiguous_retried``; otherwise they are settled as ``ambiguous`` (at most once, like a read timeout).
+        """
+        with self._transaction() as conn:
+            found = dict(
+                conn.execute("SELECT destination, count(*) FROM payloads WHERE leased = 2 GROUP BY destination")
+            )
+            if retry:
+                conn.execute("UPDATE payloads SET leased = 0 WHERE leased = 2")
+            else:
+                for destination, size in conn.execute(
+                    "DELETE FROM payloads WHERE leased = 2 RETURNING destination, size"
+                ).fetchall():
+                    self._count(destination, -1, -size)
+            for destination, count in found.items():
+                books.add_counts(conn, destination, {"ambiguous_retried" if retry else "ambiguous": count})
+        return found
 
     def purge_expired(self, destination: str, cutoff: float) -> int:
         """Delete the destination's unleased rows accepted before ``cutoff``; return how many."""
@@ -392,6 +512,8 @@ class Spool:
                 "DELETE FROM payloads WHERE destination = ? AND accepted_at < ? AND leased = 0 RETURNING size",
                 (destination, cutoff),
             ).fetchall()
+            if self.host:
+                books.add_counts(conn, destination, {"dropped_expired": len(records)})
         self._count(destination, -len(records), -sum(size for (size,) in records))
         return len(records)
 
@@ -410,6 +532,9 @@ class Spool:
         due_sql = "SELECT min(next_at) FROM payloads WHERE destination = ? AND leased = 0"
         oldest = conn.execute(oldest_sql, (destination,)).fetchone()[0]
         next_due = conn.execute(due_sql, (destination,)).fetchone()[0]
+        if self.host:  # other processes add rows: the books know how many are pending
+            pending = books.pending_by_destination(conn).get(destination, 0)
+            return SpoolSummary(pending, oldest, next_due)
         return SpoolSummary(self._rows_by_destination.get(destination, 0), oldest, next_due)
 
     def rows_for(self, destination: str | None = None) -> list[SpoolRow]:
@@ -457,6 +582,8 @@ class Spool:
                 ).fetchone()
                 if record is not None:
                     self._count(letter.destination, -1, -record[0])
+                    if self.host:
+                        books.add_counts(conn, letter.destination, {"dead_lettered": 1})
             conn.execute(
                 "DELETE FROM dead_letters WHERE rowid IN ("
                 " SELECT rowid FROM dead_letters ORDER BY failed_at DESC LIMIT -1 OFFSET ?)",

@@ -1,0 +1,135 @@
+"""The host's deliverer: sends what the workers handed off, settles and counts each row in one commit, survives
+being killed without sending anything twice."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.config import Settings
+from gateway.delivery.books import read_host_stats
+from gateway.delivery.deliverer import _deliver_until_signalled, build_deliverer
+from gateway.delivery.handoff import Handoff
+from gateway.dispatch import Dispatcher
+from gateway.sinks.factory import build_sinks
+from gateway.spool import Spool
+from tests.delivery.test_handoff import host_settings, page_view
+
+OUTCOMES = ("delivered", "dropped_destination", "dropped_overflow", "dropped_expired", "dead_lettered", "ambiguous")
+
+
+class Collector:
+    def __init__(self, status: int = 202) -> None:
+        self.urls: list[str] = []
+        self.status = status
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if "url" in body:
+            self.urls.append(body["url"])
+        return httpx.Response(self.status)
+
+
+def deliverer(settings: Settings, collector: Collector) -> Dispatcher:
+    sinks = build_sinks(settings)
+    return Dispatcher(sinks, settings.dispatch, settings.spool, transport=httpx.MockTransport(collector), host=True)
+
+
+def balanced(row: dict[str, float]) -> bool:
+    settled = sum(row[key] for key in OUTCOMES) + row["dropped_policy"]
+    return row["accepted"] == settled + row["pending"] and row["pending"] == row["spool_rows"]
+
+
+async def hand_off(settings: Settings, count: int, start: int = 0) -> None:
+    handoff = Handoff(build_sinks(settings), settings)
+    await handoff.start()
+    for index in range(start, start + count):
+        handoff.submit(page_view(index))
+    await handoff.stop()
+
+
+@pytest.mark.anyio
+async def test_delivers_what_workers_handed_off_and_the_books_add_up_across_restarts(tmp_path: Path) -> None:
+    settings = host_settings(tmp_path)
+    collector = Collector()
+    await hand_off(settings, 20)
+    first = deliverer(settings, collector)
+    await first.start()
+    assert await first.wait_idle(5.0)
+    await first.stop()
+    await hand_off(settings, 15, start=20)
+    second = deliverer(settings, collector)  # a new process: the books are in the spool, not in memory
+    await second.start()
+    assert await second.wait_idle(5.0)
+    await second.stop()
+    row = read_host_stats(settings.spool.path, ["plausible", "ga4"])["plausible"]
+    assert row["accepted"] == row["delivered"] == len(collector.urls) == len(set(collector.urls)) == 35, row
+    assert balanced(row) and row["deliverer_heartbeat_age_seconds"] >= 0
+
+
+@pytest.mark.anyio
+async def test_rejections_and_retries_are_counted_in_the_host_books(tmp_path: Path) -> None:
+    settings = host_settings(tmp_path)
+    await hand_off(settings, 5)
+    rejecting = deliverer(settings, Collector(status=400))
+    await rejecting.start()
+    assert await rejecting.wait_idle(5.0)
+    await rejecting.stop()
+    row = read_host_stats(settings.spool.path, ["plausible"])["plausible"]
+    assert row["dead_lettered"] == 5 and row["pending"] == 0 and balanced(row), row
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("retry_ambiguous", [False, True])
+async def test_rows_on_the_wire_when_the_deliverer_died_are_never_sent_twice_silently(
+    tmp_path: Path, retry_ambiguous: bool
+) -> None:
+    settings = host_settings(tmp_path)
+    await hand_off(settings, 10)
+    # What a deliverer killed mid-request leaves behind: rows leased and marked as on the wire.
+    spool = Spool(settings.spool, host=True)
+    spool.open()
+    leased = spool.lease_due("plausible", now=1e12, limit=4)
+    spool.mark_sending("plausible", [row.event_id for row in leased])
+    spool.close()
+
+    dispatch = dataclasses.replace(settings.dispatch, retry_ambiguous=retry_ambiguous)
+    collector = Collector()
+    restarted = Dispatcher(
+        build_sinks(settings), dispatch, settings.spool, transport=httpx.MockTransport(collector), host=True
+    )
+    await restarted.start()
+    assert await restarted.wait_idle(5.0)
+    await restarted.stop()
+    row = read_host_stats(settings.spool.path, ["plausible"])["plausible"]
+    if retry_ambiguous:
+        assert row["ambiguous_retried"] == 4 and row["ambiguous"] == 0
+        assert row["delivered"] == len(collector.urls) == 10
+    else:
+        assert row["ambiguous"] == 4 and row["delivered"] == len(collector.urls) == 6
+    assert balanced(row), row
+
+
+@pytest.mark.anyio
+async def test_one_deliverer_per_host_spool(tmp_path: Path) -> None:
+    settings = host_settings(tmp_path)
+    running = build_deliverer(settings)
+    await running.start()
+    try:
+        assert await asyncio.wait_for(_deliver_until_signalled(settings), 10.0) == 1
+    finally:
+        await running.stop()
+
+
+def test_a_spool_without_books_reads_as_zeros(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    sqlite3.connect(path).close()
+    row = read_host_stats(str(path), ["plausible"])["plausible"]
+    assert row["accepted"] == row["pending"] == 0
+    assert read_host_stats(str(tmp_path / "missing.sqlite3"), ["plausible"])["plausible"]["accepted"] == 0
