@@ -30,7 +30,7 @@ import pytest
 from tests.load.checker import parse_metrics
 from tests.load.collectors import CollectorRecord
 from tests.servers import REPO, Server, free_port, run_server
-from tests.test_delivery_e2e import BROWSER, Ports, peer, write_config
+from tests.test_delivery_e2e import BROWSER, DOMAIN, Ports, peer, write_config
 
 WORKERS: Final = 3
 BURST: Final = 150
@@ -214,3 +214,84 @@ def test_workers_share_one_deliverer_and_one_set_of_books(tmp_path: Path) -> Non
         assert balanced(row), row
     assert "deliverer exited with -9; restarting" in gateway.output()
     assert "Traceback" not in gateway.output()
+
+
+@pytest.mark.slow
+def test_django_under_gunicorn_with_the_deliverer_as_a_sidecar(tmp_path: Path) -> None:
+    """The middleware in someone else's server: gunicorn, two uvicorn workers, ``gateway deliver`` beside them."""
+    ports = Ports(free_port(), free_port(), free_port())
+    config = write_config(tmp_path, ports)
+    text = config.read_text().replace("[dispatch]\n", '[dispatch]\nmode = "deliverer"\n', 1)
+    config.write_text(text)
+    env = {"GATEWAY_CONFIG_FILE": str(config), "COLLECTOR_DOMAIN": DOMAIN}
+    gunicorn = [
+        sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "2",
+        "-b", f"127.0.0.1:{ports.gateway}", "--graceful-timeout", "10", "tests.apps.django_site:application",
+    ]  # fmt: skip
+    deliver = ["gateway", "deliver", "--config", str(config)]
+    with (
+        peer(
+            "collector_app", ports.collector, tmp_path / "collector.log", env={"COLLECTOR_DELAY_SECONDS": "0.05"}
+        ) as collector,
+        run_server(gunicorn, ports.gateway, tmp_path / "gunicorn.log", env=env, python_module=False) as site,
+    ):
+        sidecar_log = tmp_path / "deliver-1.log"
+        sidecar = start_sidecar(deliver, sidecar_log)
+        try:
+            wait_for(lambda: len(children(site.process.pid)) == 2)
+
+            first = burst(site, [f"/p/first-{i}/" for i in range(BURST)])
+            assert len(first) == BURST
+            row = settle(site)
+            paths = collected(collector)
+            assert set(paths) == first and max(paths.values()) == 1
+            seen: set[str] = set()
+            for _ in range(20):
+                again, worker = scrape(site)
+                seen.add(worker)
+                assert again == row
+            assert len(seen) == 2, seen
+            assert row["accepted"] == row["delivered"] == BURST and balanced(row), row
+
+            # SIGKILL a gunicorn worker mid-burst; the arbiter starts another.
+            victim = sorted(children(site.process.pid))[0]
+            second = burst(site, [f"/p/second-{i}/" for i in range(BURST)], lambda: os.kill(victim, signal.SIGKILL))
+            wait_for(lambda: victim not in children(site.process.pid) and len(children(site.process.pid)) == 2)
+            row = settle(site)
+            paths = collected(collector)
+            assert max(paths.values()) == 1, "an event was delivered twice"
+            new = {path for path in paths if path.startswith("/p/second-")}
+            assert new <= second and len(second - new) <= LOST_TO_A_WORKER_KILL, sorted(second - new)
+            assert row["delivered"] == sum(paths.values()) == row["accepted"] and balanced(row), row
+
+            # SIGKILL the sidecar while it sends; start it again (what systemd's Restart=always does).
+            before = row
+            with concurrent.futures.ThreadPoolExecutor(1) as background:
+                sending = background.submit(burst, site, [f"/p/third-{i}/" for i in range(BURST)])
+                wait_for(lambda: sum(1 for path in collected(collector) if path.startswith("/p/third-")) >= 10)
+                sidecar.kill()
+                sidecar.wait()
+                third = sending.result()
+            sidecar_log = tmp_path / "deliver-2.log"
+            sidecar = start_sidecar(deliver, sidecar_log)
+            row = settle(site)
+            paths = collected(collector)
+            assert max(paths.values()) == 1, "an event was delivered twice"
+            new = {path for path in paths if path.startswith("/p/third-")}
+            assert row["accepted"] - before["accepted"] == len(third) and new <= third
+            assert row["ambiguous"] >= 1 and len(third - new) <= row["ambiguous"], row
+            assert row["delivered"] + row["ambiguous"] >= sum(paths.values()) >= row["delivered"], row
+            assert balanced(row), row
+        finally:
+            sidecar.send_signal(signal.SIGTERM)
+            assert sidecar.wait(20) == 0
+    assert "Traceback" not in site.output() + sidecar_log.read_text()
+
+
+def start_sidecar(args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=REPO,
+        )  # fmt: skip
