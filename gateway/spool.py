@@ -110,6 +110,20 @@ _LEASE_SQL: Final = (
     " SELECT event_id FROM payloads WHERE destination = ?1 AND leased = 0 AND next_at <= ?2"
     f" ORDER BY next_at LIMIT ?3) RETURNING {_ROW_COLUMNS}"
 )
+# Batching destinations (GA4: up to 25 events of one client per request): among the earliest due rows (a window of
+# ?4 rows, so the cost stays bounded whatever the backlog), lease whole groups of one batch key, up to ?5 rows each,
+# clients with the oldest row first, at most ?3 rows in all.
+_LEASE_GROUPED_SQL: Final = (
+    "UPDATE payloads SET leased = 1 WHERE destination = ?1 AND event_id IN ("  # noqa: S608
+    " SELECT event_id FROM ("
+    "  SELECT event_id, batch_key, next_at,"
+    "   row_number() OVER (PARTITION BY batch_key ORDER BY next_at) AS nth,"
+    "   min(next_at) OVER (PARTITION BY batch_key) AS first"
+    "  FROM (SELECT event_id, batch_key, next_at FROM payloads"
+    "        WHERE destination = ?1 AND leased = 0 AND next_at <= ?2 ORDER BY next_at LIMIT ?4))"
+    " WHERE nth <= ?5 ORDER BY first, batch_key, nth LIMIT ?3)"
+    f" RETURNING {_ROW_COLUMNS}"
+)
 _SELECT_ROWS_SQL: Final = f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608
 _INSERT_SQL: Final = (
     "INSERT OR IGNORE INTO payloads (event_id, destination, body, headers, batch_key, created_at,"
@@ -419,12 +433,19 @@ class Spool:
         with self._transaction() as conn:
             books.write_heartbeat(conn, pid, state)
 
-    def lease_due(self, destination: str, now: float, limit: int) -> list[SpoolRow]:
-        """Lease up to ``limit`` unleased rows due at ``now``, earliest first."""
+    def lease_due(self, destination: str, now: float, limit: int, batch: int = 1) -> list[SpoolRow]:
+        """Lease up to ``limit`` unleased rows due at ``now``, earliest first.
+
+        ``batch`` > 1: the destination takes that many payloads of one batch key per request; lease whole groups
+        of a key (see _LEASE_GROUPED_SQL) so requests fill up, rather than a time slice across many clients.
+        """
         if limit <= 0:
             return []
         with self._transaction() as conn:
-            records = conn.execute(_LEASE_SQL, (destination, now, limit)).fetchall()
+            if batch > 1:
+                records = conn.execute(_LEASE_GROUPED_SQL, (destination, now, limit, 4 * limit, batch)).fetchall()
+            else:
+                records = conn.execute(_LEASE_SQL, (destination, now, limit)).fetchall()
         rows = [_decode(record) for record in records]
         rows.sort(key=lambda row: row.next_at)  # RETURNING has no defined order
         return rows
