@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import glob
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,8 +32,9 @@ from gateway.dispatch import Dispatcher
 from gateway.logs import configure_logging
 from gateway.sinks.dryrun import DryRunTransport
 from gateway.sinks.factory import build_sinks
+from gateway.spool import Spool, SpoolError
 
-__all__ = ["DelivererSupervisor", "build_deliverer", "run_deliverer"]
+__all__ = ["DelivererSupervisor", "adopt_worker_spools", "build_deliverer", "run_deliverer"]
 
 log = logging.getLogger("gateway.deliverer")
 
@@ -38,6 +42,47 @@ RESTART_DELAY_MIN: Final = 1.0
 RESTART_DELAY_MAX: Final = 30.0
 # A deliverer that ran this long before dying starts again after the shortest delay.
 STABLE_SECONDS: Final = 60.0
+
+
+_WORKER_SPOOL = re.compile(r"\.w[0-9]+$")
+
+
+def adopt_worker_spools(settings: Settings) -> int:
+    """Move the rows of per-worker spool files (``<spool.path>.wN``, before deliverer mode) into the host spool.
+
+    Each is taken only if no process holds it; its rows count as ``accepted`` and ``replayed`` in the host books,
+    and the file is removed. Returns how many rows were moved.
+    """
+    host = Spool(settings.spool, host=True, owner=False)
+    moved = 0
+    for path in sorted(glob.glob(glob.escape(settings.spool.path) + ".w*")):
+        if not _WORKER_SPOOL.search(path):
+            continue  # its -wal/-shm/.lock/.slot companions
+        old = Spool(dataclasses.replace(settings.spool, path=path))
+        try:
+            old.open()
+        except SpoolError as exc:
+            log.warning("deliverer: left %s alone: %s", path, exc)
+            continue
+        try:
+            rows = old.rows_for()
+            counts: dict[str, dict[str, int]] = {}
+            for row in rows:
+                lane = counts.setdefault(row.destination, {"accepted": 0, "replayed": 0})
+                lane["accepted"] += 1
+                lane["replayed"] += 1
+            if not host.is_open:
+                host.open()
+            host.hand_off(rows, counts)
+        finally:
+            old.close()
+        for leftover in (path, f"{path}-wal", f"{path}-shm", f"{path}.lock", f"{path}.slot"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        log.warning("deliverer: moved %d rows from the per-worker spool %s into the host spool", len(rows), path)
+        moved += len(rows)
+    host.close()
+    return moved
 
 
 def build_deliverer(settings: Settings) -> Dispatcher:
@@ -50,7 +95,9 @@ def build_deliverer(settings: Settings) -> Dispatcher:
 async def _deliver_until_signalled(settings: Settings) -> int:
     dispatcher = build_deliverer(settings)
     await dispatcher.start()
-    if not dispatcher.spool_open:
+    if dispatcher.spool_open:
+        adopt_worker_spools(settings)  # after start(): the host spool's lock says we are the one deliverer
+    else:
         await dispatcher.stop()
         print(
             f"gateway deliver: cannot use the host spool {settings.spool.path!r} (another deliverer runs, or see the "

@@ -14,11 +14,11 @@ import pytest
 
 from gateway.config import Settings
 from gateway.delivery.books import read_host_stats
-from gateway.delivery.deliverer import _deliver_until_signalled, build_deliverer
+from gateway.delivery.deliverer import _deliver_until_signalled, adopt_worker_spools, build_deliverer
 from gateway.delivery.handoff import Handoff
 from gateway.dispatch import Dispatcher
 from gateway.sinks.factory import build_sinks
-from gateway.spool import Spool
+from gateway.spool import Spool, SpoolRow
 from tests.delivery.test_handoff import host_settings, page_view
 
 OUTCOMES = ("delivered", "dropped_destination", "dropped_overflow", "dropped_expired", "dead_lettered", "ambiguous")
@@ -133,3 +133,30 @@ def test_a_spool_without_books_reads_as_zeros(tmp_path: Path) -> None:
     row = read_host_stats(str(path), ["plausible"])["plausible"]
     assert row["accepted"] == row["pending"] == 0
     assert read_host_stats(str(tmp_path / "missing.sqlite3"), ["plausible"])["plausible"]["accepted"] == 0
+
+
+@pytest.mark.anyio
+async def test_per_worker_spools_from_before_are_moved_into_the_host_spool(tmp_path: Path) -> None:
+    settings = host_settings(tmp_path)
+    (sink, _) = build_sinks(settings)
+    for slot, count in ((0, 3), (1, 2)):
+        old = Spool(dataclasses.replace(settings.spool, path=f"{settings.spool.path}.w{slot}"))
+        old.open()
+        rows = []
+        for index in range(count):
+            event = page_view(index)
+            event.event_id = f"w{slot}-{index}"
+            rows.append(SpoolRow(sink.build(event), event.timestamp, 0, event.timestamp))
+        old.put(rows)
+        old.close()
+    assert adopt_worker_spools(settings) == 5
+    assert not list(tmp_path.glob("spool.sqlite3.w*"))
+    row = read_host_stats(settings.spool.path, ["plausible"])["plausible"]
+    assert row["accepted"] == row["replayed"] == row["pending"] == 5
+    collector = Collector()
+    running = deliverer(settings, collector)
+    await running.start()
+    assert await running.wait_idle(5.0)
+    await running.stop()
+    assert len(collector.urls) == 5
+    assert balanced(read_host_stats(settings.spool.path, ["plausible"])["plausible"])
