@@ -2,8 +2,8 @@
 
     python -m benchmarks.bench_dispatch [--duration 15] [--spool on|off] [--max-connections N] [--json]
 
-One :class:`gateway.dispatch.Dispatcher` with the real :class:`~gateway.sinks.plausible.PlausibleSink` (one event
-per request, the default ``[dispatch]`` settings and the dispatcher's default transport) delivers to
+One :class:`gateway.delivery.dispatcher.Dispatcher` with the real :class:`~gateway.sinks.plausible.PlausibleSink`
+(one event per request, the default ``[dispatch]`` settings and the dispatcher's default transport) delivers to
 :func:`benchmarks.apps.collector_app` (a raw ASGI app under uvicorn that reads each body and answers ``202``),
 running as a separate process. The loop is uvloop, as under ``gateway serve``.
 
@@ -43,7 +43,7 @@ from benchmarks.common import CLIENT_ADDRESS, REQUEST_HEADERS
 from benchmarks.compiled import loaded_extension_modules
 from benchmarks.macro import Service, start_uvicorn
 from gateway.config import load_settings
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.events import PAGEVIEW, Event
 from gateway.sinks.factory import build_sinks
 

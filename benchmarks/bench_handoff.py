@@ -4,7 +4,7 @@
 
 1. **Request worker.** Page-view events are submitted at a steady 2,000 events/s (20 every 10 ms, as a busy
    worker would) and this process's CPU time (every thread: the loop and the handoff's writer) is measured until
-   all of them are written. Rows: the in-process :class:`~gateway.dispatch.Dispatcher` delivering to a local
+   all of them are written. Rows: the in-process :class:`~gateway.delivery.dispatcher.Dispatcher` delivering to a local
    collector (today's single-process mode), the :class:`~gateway.delivery.handoff.Handoff` to the host spool with
    Plausible, and with Plausible + GA4, and the same producer with no destinations at all (a submit that does
    nothing). CPU added per event = a row's CPU per event minus the no-destination row's.
@@ -38,8 +38,8 @@ from benchmarks.compiled import compiled_build_if_asked, loaded_extension_module
 from benchmarks.macro import start_uvicorn
 from gateway.config import Settings, load_settings
 from gateway.delivery.books import read_host_stats
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.delivery.handoff import Handoff
-from gateway.dispatch import Dispatcher
 from gateway.events import PAGEVIEW, Event
 from gateway.sinks.factory import build_sinks
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.compiled import loaded_extension_modules
 from gateway import PrivacyGateway, load_settings
 from gateway.consent import ConsentManager
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.sinks.factory import build_sinks
 
 PAGE = (

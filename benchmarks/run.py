@@ -699,7 +699,8 @@ def run_micro_compiled(
 
 
 def check_dispatch_build(result: Mapping[str, Any], build: BuildKind, compiled: CompiledBuild | None) -> None:
-    essential = ["gateway.dispatch"] if compiled is not None and "gateway.dispatch" in compiled.modules else []
+    module = "gateway.delivery.dispatcher"
+    essential = [module] if compiled is not None and module in compiled.modules else []
     require_build(build, result.get("compiled_modules", []), essential, f"bench_dispatch ({build})")
 
 

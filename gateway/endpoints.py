@@ -27,8 +27,8 @@ from starlette.types import Receive, Scope, Send
 from gateway.beacon import BeaconEndpoint
 from gateway.consent_api import ConsentAPI
 from gateway.context import STATE_KEY, PrivacyContext
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.delivery.handoff import Handoff
-from gateway.dispatch import Dispatcher
 from gateway.explain import flows_table, render_flows_html
 from gateway.http_io import send_simple
 from gateway.intake import CHALLENGE_PATH, EdgeIntake, FastlyChallenge

@@ -6,10 +6,11 @@ The counters obey, per destination::
     accepted = delivered + dropped_policy + dropped_destination + dropped_overflow + dropped_expired
                + dead_lettered + ambiguous + pending
 
-(see :mod:`gateway.dispatch`). Counters restart at zero with the process; ``replayed`` says how much of ``accepted``
-came from the spool at start. The collector reads :meth:`Dispatcher.stats` at scrape time and is registered in a
-dedicated :class:`~prometheus_client.CollectorRegistry`, never the global one, so several gateways (or tests) in
-one process do not collide.
+(see :mod:`gateway.delivery.dispatcher`). Counters restart at zero with the process; ``replayed`` says how much of
+``accepted`` came from the spool at start. The collector reads :meth:`Dispatcher.stats` at scrape time and is registered
+in a dedicated :class:`~prometheus_client.CollectorRegistry`, never the global one, so several gateways (or tests) in
+one process do not collide. In deliverer mode (several workers) the counters are the host's books, read from the
+host spool (:class:`HostBooks`): the same in every worker, and they do not restart with any process.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["DispatchCollector", "HandoffCollector", "HostBooks", "MetricsEndpoin
 
 
 class StatsSource(Protocol):
-    """Per destination: counters and gauges (:meth:`gateway.dispatch.Dispatcher.stats`, :class:`HostBooks`)."""
+    """Per destination: counters and gauges (``Dispatcher.stats`` in process, :class:`HostBooks` per host)."""
 
     def stats(self) -> Mapping[str, Mapping[str, float]]: ...
 

@@ -33,8 +33,8 @@ from gateway.consent import ConsentManager, dnt_is_on, sec_gpc_is_on
 from gateway.context import STATE_KEY, PrivacyContext
 from gateway.cookies import CookieGuard, OwnedCookies
 from gateway.delivery import Delivery
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.delivery.handoff import Handoff
-from gateway.dispatch import Dispatcher
 from gateway.endpoints import Endpoints
 from gateway.events import Event
 from gateway.geo import Geo, open_geo

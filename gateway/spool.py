@@ -3,7 +3,7 @@
 The spool holds :class:`~gateway.sinks.Payload` objects (what a destination's policy allows it to receive), never
 raw :class:`~gateway.events.Event` objects, so nothing the policy removed is ever written to disk. It is used for
 queue overflow, for payloads waiting for a retry, while a destination's circuit is open, and for whatever is still
-queued at shutdown; :class:`~gateway.dispatch.Dispatcher` replays it on start.
+queued at shutdown; :class:`~gateway.delivery.dispatcher.Dispatcher` replays it on start.
 
 Layout (``PRAGMA user_version = 1``)::
 

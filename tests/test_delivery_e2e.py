@@ -1,6 +1,6 @@
 """Delivery through the whole gateway (issue 6): dead destinations, a crash and a shutdown, seen from outside.
 
-Three acceptance tests of the delivery guarantees in security.md §2 and :mod:`gateway.dispatch`:
+Three acceptance tests of the delivery guarantees in security.md §2 and :mod:`gateway.delivery.dispatcher`:
 
 1. In process: every destination hangs forever. 1,000 page requests through :class:`PrivacyGateway` all succeed
    without waiting for the destination, memory stays bounded (tracemalloc, against measured baselines) and the
@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import PrivacyGateway, load_settings
 from gateway.config import Settings, SpoolSettings
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.events import PAGEVIEW, Event
 from gateway.sinks.factory import build_sinks
 from gateway.spool import Spool
@@ -291,20 +291,20 @@ async def test_hung_destination_holds_up_no_page_and_no_memory(tmp_path: Path, t
     assert all(during[outcome] == 0 for outcome in OUTCOMES), during
 
     # Memory. Holding every event and its payload costs `cost` bytes (measured above, ~1.3 kB an event). By design
-    # (dispatch.py, "Memory bound") a hung destination holds at most QUEUE_SIZE queued events plus a keeper tick of
-    # overflow while traffic flows, and once the overflow is spooled only the payloads leased for the senders (a
-    # ready buffer of max(64, 2 * senders * max_batch) rows plus one in flight per sender: 68 here). Measured
-    # against the same traffic to a healthy destination, it may add less than a quarter of `cost` to the peak
-    # and less than a tenth to what stays; keeping every event in memory would add all of it.
+    # (gateway/delivery/dispatcher.py, "Memory bound") a hung destination holds at most QUEUE_SIZE queued events plus
+    # a keeper tick of overflow while traffic flows, and once the overflow is spooled only the payloads leased for the
+    # senders (a ready buffer of max(64, 2 * senders * max_batch) rows plus one in flight per sender: 68 here). Measured
+    # against the same traffic to a healthy destination, it may add less than a quarter of `cost` to the peak and less
+    # than a tenth to what stays; keeping every event in memory would add all of it.
     extra_peak = run.peak_growth - baseline.peak_growth
     extra_retained = run.retained - baseline.retained
     report = (
         f"1,000 events+payloads: {cost} B; peak growth hung {run.peak_growth} B, healthy {baseline.peak_growth} B; "
         f"retained hung {run.retained} B, healthy {baseline.retained} B"
     )
-    # Peak: by design (dispatch.py "Memory bound") QUEUE_SIZE queued events, at most one spool batch of overflow
-    # (SPOOL_WAKE_BATCH, plus what arrives during one write) and the leased buffer: ~30% of `cost` here. The bound
-    # is half of `cost`: a gateway that kept the hung events in memory would add all of it.
+    # Peak: by design (gateway/delivery/dispatcher.py "Memory bound") QUEUE_SIZE queued events, at most one spool
+    # batch of overflow (SPOOL_WAKE_BATCH, plus what arrives during one write) and the leased buffer: ~30% of `cost`
+    # here. The bound is half of `cost`: a gateway that kept the hung events in memory would add all of it.
     assert extra_peak < cost / 2, report
     assert extra_retained < cost / 10, report
 

@@ -9,10 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Message, Scope
 
 from gateway.config import MetricsSettings, Secret, SpoolSettings
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.events import Event
 from gateway.metrics import MetricsEndpoint
-from tests.test_dispatch import FAST, FakeDestination, FakeSink, event, until
+from tests.delivery.test_dispatcher import FAST, FakeDestination, FakeSink, event, until
 
 TOKEN = "s3cret-metrics-token-0123456789abcdef"
 

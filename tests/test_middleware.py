@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import PrivacyGateway, load_settings
 from gateway.config import Settings
 from gateway.context import STATE_KEY, PrivacyContext
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.sinks.factory import build_sinks
 
 PAGE = b"<!doctype html><html><head><title>Downloads &amp; more</title></head><body><p>hello</p></body></html>"

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway import PrivacyGateway
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.sentry_envelope import MAX_ENVELOPE_BYTES, MAX_ITEMS, Envelope, parse_envelope
 from gateway.sinks.factory import build_sinks
 from tests.test_middleware import Recorder, html_app, make_settings

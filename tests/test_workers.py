@@ -42,8 +42,9 @@ OUTCOMES: Final = (
 # A killed request worker loses what it had not yet handed off: the page views of its last handoff interval
 # (10 ms) that it was still holding. CONCURRENCY requests are in flight at most, a third of them on that worker.
 LOST_TO_A_WORKER_KILL: Final = CONCURRENCY
-# The collector holds each request this long, so at any moment some are on the wire (the deliverer kill hits them).
-COLLECTOR_DELAY: Final = 0.05
+# The collector records a request as soon as it has read it, then holds it this long before it answers: a kill right
+# after the test saw a record always catches that request on the wire.
+COLLECTOR_DELAY: Final = 0.3
 
 
 def scrape(server: Server) -> tuple[dict[str, float], str]:
@@ -231,7 +232,10 @@ def test_django_under_gunicorn_with_the_deliverer_as_a_sidecar(tmp_path: Path) -
     deliver = ["gateway", "deliver", "--config", str(config)]
     with (
         peer(
-            "collector_app", ports.collector, tmp_path / "collector.log", env={"COLLECTOR_DELAY_SECONDS": "0.05"}
+            "collector_app",
+            ports.collector,
+            tmp_path / "collector.log",
+            env={"COLLECTOR_DELAY_SECONDS": str(COLLECTOR_DELAY)},
         ) as collector,
         run_server(gunicorn, ports.gateway, tmp_path / "gunicorn.log", env=env, python_module=False) as site,
     ):

@@ -11,7 +11,8 @@ Data flow (imports follow it, never the other way)::
 - :mod:`gateway.delivery.books`: the host's counters, kept in the spool in the same commits as the rows.
 - :mod:`gateway.delivery.deliverer`: the ``gateway deliver`` process and its supervisor in ``gateway serve``.
 
-``dispatch.mode = "in_process"`` (the default) keeps everything in one process (:class:`gateway.dispatch.Dispatcher`).
+``dispatch.mode = "in_process"`` (the default) keeps everything in one process
+(:class:`gateway.delivery.dispatcher.Dispatcher`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""One set of books per host, kept in the host spool next to the rows they count.
+"""The books: an in-process dispatcher's counters per lane, and one set of books per host kept in the host spool.
+
+In process (one worker), :func:`lane_stats` reads the lanes' counters and :func:`check_lanes` checks that they
+balance (see :mod:`gateway.delivery.dispatcher`).
 
 In deliverer mode (``dispatch.mode = "deliverer"``) every change to a destination's events happens in one SQLite
 transaction together with its count: a request worker inserts payload rows and adds ``accepted`` (and the
@@ -23,13 +26,17 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
+
+from gateway.delivery.lanes import MEM, RELEASING, SPILLING, Item, Lane
 
 __all__ = [
     "OUTCOMES",
     "SCHEMA",
     "add_counts",
+    "check_lanes",
+    "lane_stats",
     "pending_by_destination",
     "read_host_stats",
     "write_heartbeat",
@@ -169,3 +176,86 @@ def read_host_stats(path: str, destinations: Iterable[str]) -> dict[str, dict[st
             stats[f"dropped_policy:{reason}"] = count
         result[name] = stats
     return result
+
+
+def lane_stats(lanes: Sequence[Lane], now: float, spool_available: bool) -> dict[str, dict[str, float]]:
+    """An in-process dispatcher's books: per destination, counters (monotonic within a process) and gauges."""
+    result: dict[str, dict[str, float]] = {}
+    for lane in lanes:
+        policy = dict(lane.dropped_policy)
+        if lane.dropped_consent:
+            policy["consent"] = policy.get("consent", 0) + lane.dropped_consent
+        oldest_age = 0.0
+        if lane.spool_rows and lane.spool_oldest is not None:
+            oldest_age = max(0.0, now - lane.spool_oldest)
+        stats: dict[str, float] = {
+            "accepted": lane.accepted,
+            "replayed": lane.replayed,
+            "refused": lane.refused,
+            "delivered": lane.delivered,
+            "dropped_policy": sum(policy.values()),
+            "dropped_destination": lane.dropped_destination,
+            "dropped_overflow": lane.dropped_overflow,
+            "dropped_expired": lane.dropped_expired,
+            "dead_lettered": lane.dead_lettered,
+            "ambiguous": lane.ambiguous,
+            "retried": lane.retried,
+            "ambiguous_retried": lane.ambiguous_retried,
+            "pending": lane.pending(),
+            "queue_depth": len(lane.queue) + len(lane.overflow),
+            "in_flight": lane.in_flight_count(),
+            "memory_pending": lane.mem_pending,
+            "spool_rows": lane.spool_rows,
+            "spool_oldest_age_seconds": oldest_age,
+            "circuit_state": lane.circuit,
+            "consecutive_failures": lane.failures,
+            "spool_available": 1.0 if spool_available else 0.0,
+        }
+        for reason, count in sorted(policy.items()):
+            stats[f"dropped_policy:{reason}"] = count
+        result[lane.name] = stats
+    return result
+
+
+def check_lanes(lanes: Sequence[Lane]) -> None:
+    """Raise AssertionError with details unless every lane's books balance (see gateway.delivery.dispatcher)."""
+    problems: list[str] = []
+    for lane in lanes:
+        policy = sum(lane.dropped_policy.values()) + lane.dropped_consent
+        outcomes = {
+            "delivered": lane.delivered,
+            "dropped_policy": policy,
+            "dropped_destination": lane.dropped_destination,
+            "dropped_overflow": lane.dropped_overflow,
+            "dropped_expired": lane.dropped_expired,
+            "dead_lettered": lane.dead_lettered,
+            "ambiguous": lane.ambiguous,
+            "pending": lane.pending(),
+        }
+        total = sum(outcomes.values())
+        if total != lane.accepted:
+            detail = ", ".join(f"{k}={v}" for k, v in outcomes.items())
+            problems.append(f"{lane.name}: accepted={lane.accepted} != {total} ({detail})")
+        negative = {
+            k: v for k, v in {**outcomes, "spool_rows": lane.spool_rows, "mem": lane.mem_pending}.items() if v < 0
+        }
+        if negative:
+            problems.append(f"{lane.name}: negative counts {negative}")
+        # The books' count of payloads in memory must match what memory actually holds.
+        held: dict[int, Item] = {}
+        for item in lane.retry:
+            held[id(item)] = item
+        for flight in lane.inflight:
+            for item in flight.items:
+                if item.in_flight:
+                    held[id(item)] = item
+        for batch in lane.spilling:
+            for item in batch:
+                held[id(item)] = item
+        in_memory = sum(1 for item in held.values() if item.state in (MEM, SPILLING, RELEASING))
+        if in_memory != lane.mem_pending:
+            problems.append(f"{lane.name}: {in_memory} payloads in memory but the books say {lane.mem_pending}")
+        if lane.dequeued > lane.enqueued:
+            problems.append(f"{lane.name}: dequeued {lane.dequeued} > enqueued {lane.enqueued}")
+    if problems:
+        raise AssertionError("dispatcher books do not balance: " + "; ".join(problems))

@@ -1,8 +1,8 @@
 """The host's one delivery process (``gateway deliver``), and its supervisor inside ``gateway serve --workers N``.
 
-The deliverer is a :class:`~gateway.dispatch.Dispatcher` in host mode: it leases the payloads the request workers
-wrote to the host spool, sends them (retries, circuit breakers, ``Retry-After``), and settles each row and its count
-in one commit (:mod:`gateway.delivery.books`). The spool's lock file makes it one per host: a second deliverer on
+The deliverer is a :class:`~gateway.delivery.dispatcher.Dispatcher` in host mode: it leases the payloads the request
+workers wrote to the host spool, sends them (retries, circuit breakers, ``Retry-After``), and settles each row and its
+count in one commit (:mod:`gateway.delivery.books`). The spool's lock file makes it one per host: a second deliverer on
 the same spool exits with an error. It stops on SIGTERM/SIGINT: what is in flight finishes within
 ``dispatch.shutdown_timeout``; everything else simply stays in the spool for the next start.
 
@@ -28,7 +28,7 @@ import time
 from typing import Final
 
 from gateway.config import Settings
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.logs import configure_logging
 from gateway.sinks.dryrun import DryRunTransport
 from gateway.sinks.factory import build_sinks

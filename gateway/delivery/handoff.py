@@ -45,7 +45,7 @@ def _reason(text: str) -> str:
 
 
 class Handoff:
-    """Stands in for the in-process :class:`~gateway.dispatch.Dispatcher` in a request worker (same ``submit``).
+    """Stands in for the in-process :class:`~gateway.delivery.dispatcher.Dispatcher` in a request worker.
 
     ``worker`` labels this process's own counters (:meth:`stats`); by default :meth:`start` claims the first free
     worker slot of the host (a lock file next to the spool), so a restarted worker gets its number back whatever

@@ -15,8 +15,8 @@ import pytest
 from gateway.config import Settings
 from gateway.delivery.books import read_host_stats
 from gateway.delivery.deliverer import _deliver_until_signalled, adopt_worker_spools, build_deliverer
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.delivery.handoff import Handoff
-from gateway.dispatch import Dispatcher
 from gateway.sinks.factory import build_sinks
 from gateway.spool import Spool, SpoolRow
 from tests.delivery.test_handoff import host_settings, page_view

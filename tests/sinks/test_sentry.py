@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from gateway.config import load_settings
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.events import ERROR_REPORT, Event
 from gateway.sentry_envelope import Envelope, parse_envelope
 from gateway.sinks import Outcome, PolicyDrop

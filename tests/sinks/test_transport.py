@@ -21,7 +21,7 @@ import pytest
 
 from gateway import upstream
 from gateway.config import DispatchSettings, SpoolSettings
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.events import Event
 from gateway.sinks import Outcome, Sink
 from gateway.sinks.factory import build_sinks

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gateway.config import DispatchSettings, SpoolSettings
-from gateway.dispatch import CIRCUIT_CLOSED, CIRCUIT_OPEN, Dispatcher
+from gateway.delivery.dispatcher import CIRCUIT_CLOSED, CIRCUIT_OPEN, Dispatcher
 from gateway.events import Event
 from gateway.sinks import Outcome, Payload, PolicyDrop, Verdict
 from gateway.spool import Spool
@@ -768,7 +768,7 @@ CRASH_CHILD = """
 import asyncio, json, sys, time
 import httpx
 from gateway.config import DispatchSettings, SpoolSettings
-from gateway.dispatch import Dispatcher
+from gateway.delivery.dispatcher import Dispatcher
 from gateway.events import Event
 from gateway.sinks import Outcome, Payload, Verdict
 
