@@ -183,10 +183,15 @@ class SpoolSummary:
     next_due: float | None  # earliest next_at of the rows not leased
 
 
+# Built once: json.dumps() with options builds a new encoder on every call.
+_BODY_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_HEADERS_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _encode(row: SpoolRow) -> tuple[str, str, int]:
     payload = row.payload
-    body = json.dumps(payload.body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    headers = json.dumps([list(pair) for pair in payload.headers], separators=(",", ":"), ensure_ascii=False)
+    body = payload.body_json or _BODY_JSON.encode(payload.body)
+    headers = _HEADERS_JSON.encode([list(pair) for pair in payload.headers])
     size = len(body.encode()) + len(headers.encode()) + len(payload.event_id) + len(payload.batch_key)
     return body, headers, size + ROW_OVERHEAD_BYTES
 
@@ -200,8 +205,23 @@ def _decode(record: Sequence[Any]) -> SpoolRow:
         headers=tuple((str(name), str(value)) for name, value in json.loads(headers)),
         batch_key=batch_key,
         created_at=created_at,
+        body_json=body,
     )
     return SpoolRow(payload, accepted_at=accepted_at, attempts=attempts, next_at=next_at, last_error=last_error)
+
+
+def _settle(conn: sqlite3.Connection, destination: str, outcomes: Mapping[str, Sequence[str]]) -> int:
+    deleted = 0
+    counts: dict[str, int] = {}
+    for outcome, event_ids in outcomes.items():
+        records = conn.executemany(
+            "DELETE FROM payloads WHERE destination = ? AND event_id = ?",
+            [(destination, event_id) for event_id in event_ids],
+        )
+        counts[outcome] = max(records.rowcount, 0)
+        deleted += counts[outcome]
+    books.add_counts(conn, destination, counts)
+    return deleted
 
 
 class Spool:
@@ -484,22 +504,19 @@ class Spool:
 
     def settle(self, destination: str, outcomes: Mapping[str, Sequence[str]]) -> int:
         """Host mode: delete rows by outcome (``{"delivered": [event ids]}``) and count them, in one commit."""
-        deleted = 0
         with self._transaction() as conn:
-            counts: dict[str, int] = {}
-            for outcome, event_ids in outcomes.items():
-                records = conn.executemany(
-                    "DELETE FROM payloads WHERE destination = ? AND event_id = ?",
-                    [(destination, event_id) for event_id in event_ids],
-                )
-                counts[outcome] = max(records.rowcount, 0)
-                deleted += counts[outcome]
-            books.add_counts(conn, destination, counts)
-        return deleted
+            return _settle(conn, destination, outcomes)
 
-    def mark_sending(self, destination: str, event_ids: Sequence[str]) -> None:
-        """Host mode: these leased rows are about to go on the wire (``leased = 2``), durably, before they do."""
+    def mark_sending(
+        self, destination: str, event_ids: Sequence[str], settled: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        """Host mode: these leased rows are about to go on the wire (``leased = 2``), durably, before they do.
+
+        ``settled``: rows to settle as :meth:`settle` does, in the same commit (one commit per request, not two).
+        """
         with self._transaction() as conn:
+            if settled:
+                _settle(conn, destination, settled)
             conn.executemany(
                 "UPDATE payloads SET leased = 2 WHERE destination = ? AND event_id = ?",
                 [(destination, event_id) for event_id in event_ids],

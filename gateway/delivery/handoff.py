@@ -66,7 +66,7 @@ class Handoff:
         self._ids = itertools.count(1)
         self._accepting = True
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
         self._slot: IO[bytes] | None = None
         # This worker's own counters (the host's books are in the spool).
         self.handed_off = 0
@@ -103,20 +103,20 @@ class Handoff:
     # lifecycle --------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._thread is not None:
+        if self._writer is not None:
             return
         await asyncio.to_thread(self._spool.open)
         if not self.worker:
             self.worker = self._claim_slot()
         self._stop.clear()
         self._accepting = True
-        self._thread = threading.Thread(target=self._run, name="gateway-handoff", daemon=True)
-        self._thread.start()
+        self._writer = threading.Thread(target=self._run, name="gateway-handoff", daemon=True)
+        self._writer.start()
 
     async def stop(self) -> None:
         """Write everything buffered, then close."""
         self._accepting = False
-        thread, self._thread = self._thread, None
+        thread, self._writer = self._writer, None
         if thread is None:
             return
         self._stop.set()

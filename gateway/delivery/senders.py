@@ -157,11 +157,19 @@ class Senders:
         if self.host and self.bridge.spool is not None:
             # Durably "on the wire" before it is: a deliverer killed now counts it as ambiguous at its next start
             # instead of sending it twice.
+            marked = [item.payload.event_id for item in items]
+            # What this lane settled since the last commit goes in the same one.
+            settled, lane.settling = lane.settling, {}
+            if settled:
+                lane.spool_version += 1
             try:
-                marked = [item.payload.event_id for item in items]
-                await self.bridge.run(self.bridge.spool.mark_sending, lane.name, marked)
+                await self.bridge.run(self.bridge.spool.mark_sending, lane.name, marked, settled)
             except Exception as exc:
                 log.error("%s: spool write failed: %s", lane.name, type(exc).__name__)
+                for key, event_ids in settled.items():  # not written: settle them with the next commit
+                    if not lane.settling:
+                        asyncio.get_running_loop().call_soon(self.settle.flush_settling, lane)
+                    lane.settling.setdefault(key, []).extend(event_ids)
                 for item in items:
                     if item.in_flight and item.state != DONE:
                         self.settle.return_item(lane, item)

@@ -39,6 +39,9 @@ class Payload:
     # Payloads with the same non-empty key may share one request (GA4: same client); "" = one request each.
     batch_key: str = ""
     created_at: float = 0.0
+    # ``body`` as compact JSON when it is already known (read back from the spool), so that sending it does not
+    # encode it again; "" = encode ``body``. Always the encoding of ``body`` (gateway.policy.encode_json's form).
+    body_json: str = dataclasses.field(default="", compare=False, repr=False)
 
 
 class Outcome(enum.Enum):

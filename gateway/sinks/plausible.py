@@ -125,7 +125,8 @@ class PlausibleSink:
         url = self._endpoint_url
         if url is None:
             url = self._endpoint_url = httpx.URL(self.endpoint)
-        return httpx.Request("POST", url, headers=headers, content=encode_json(payload.body))
+        content = payload.body_json.encode() if payload.body_json else encode_json(payload.body)
+        return httpx.Request("POST", url, headers=headers, content=content)
 
     def classify(self, response: httpx.Response) -> Verdict:
         status = response.status_code
