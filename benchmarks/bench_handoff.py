@@ -13,6 +13,11 @@
    event = this process's CPU time / events. Plausible (one event per request) and GA4 (200 visitors, 25 events
    each, so requests carry up to 25 events: the Measurement Protocol's batch).
 
+3. **Throughput** (``--wrk``): wrk against bare Starlette and the gateway middleware in front of it (one uvicorn
+   worker, the page-view request of the middleware benchmark): no destinations; Plausible + GA4 delivered in
+   process; and the same two destinations in deliverer mode, with ``gateway deliver`` beside the worker (its CPU is
+   reported, not counted against the worker). Ratios to bare Starlette, interleaved runs, medians.
+
 Each row runs in a fresh subprocess of this module so that caches, threads and the allocator of one row do not
 help or hurt another. ``--compiled`` runs every row a second time in the mypyc-compiled copy, in the same run.
 """
@@ -22,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,6 +211,130 @@ def run(events: int, builds: dict[str, Path]) -> list[dict[str, Any]]:
     return results
 
 
+THROUGHPUT_LABELS: Final = {
+    "starlette": "bare Starlette",
+    "nodest": "gateway, no destinations",
+    "in_process": "gateway, Plausible + GA4 delivered in process",
+    "handoff": "gateway, Plausible + GA4 handed to the deliverer",
+}
+
+
+def run_throughput(
+    wrk: str, builds: dict[str, Path], *, runs: int, seconds: float, warmup: float
+) -> dict[str, dict[str, Any]]:
+    """Middleware throughput per configuration and build (see the module docstring); medians over ``runs``."""
+    from benchmarks.common import (
+        PAGE_PATH,
+        PAGE_QUERY,
+        build_geo_database,
+        cookie_header,
+        gateway_settings,
+        load,
+        to_toml,
+        write_wrk_script,
+    )
+    from benchmarks.macro import Config, Service, interleave
+
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-handoff-wrk-") as tmp:
+        directory = Path(tmp)
+        geo = build_geo_database(directory)
+        services: list[Service] = []
+        try:
+            collector = start_uvicorn("collector", "benchmarks.apps:collector_app", directory, ready_path="/_count")
+            services.append(collector)
+            configs: list[Config] = []
+            spools: dict[str, str] = {}
+            reference = start_uvicorn("starlette", "benchmarks.apps:starlette_app", directory, ready_path=PAGE_PATH)
+            services.append(reference)
+            reference_script: Path | None = None
+            for build, root in builds.items():
+                for kind in ("nodest", "in_process", "handoff"):
+                    name = f"{kind} ({build})"
+                    sub = directory / f"{kind}-{build.replace(' ', '-')}"
+                    sub.mkdir()
+                    table = gateway_settings(
+                        sub,
+                        geo,
+                        collector_url=None if kind == "nodest" else collector.url,
+                        spool=kind != "in_process",
+                        queue_size=1000 if kind == "in_process" else None,
+                    )
+                    if kind == "handoff":
+                        # A bounded spool: what the deliverer cannot send during a run is counted as dropped_overflow,
+                        # and the rest is drained (waited for) before the next run starts.
+                        table["dispatch"] = {"mode": "deliverer"}
+                        table["spool"]["max_rows"] = 20_000
+                    config_path = sub / "gateway.toml"
+                    config_path.write_text(to_toml(table), encoding="utf-8")
+                    script = write_wrk_script(sub / "wrk.lua", cookie_header(load(config_path)))
+                    reference_script = reference_script or script
+                    env = {"BENCH_GATEWAY_CONFIG": str(config_path), "PYTHONPATH": str(root)}
+                    server = start_uvicorn(
+                        name, "benchmarks.apps:gateway_app", directory, env=env, ready_path=PAGE_PATH, cwd=root
+                    )
+                    services.append(server)
+                    measured: tuple[Service, ...] = (server, collector)
+                    if kind == "handoff":
+                        deliverer = _start_deliverer(name, config_path, directory, root)
+                        services.append(deliverer)
+                        measured = (server, deliverer, collector)
+                        spools[name] = str(table["spool"]["path"])
+                    after = functools.partial(_drain, spools[name]) if kind == "handoff" else None
+                    url = f"{server.url}{PAGE_PATH}?{PAGE_QUERY}"
+                    configs.append(Config(name, THROUGHPUT_LABELS[kind], url, script, measured, after_run=after))
+            assert reference_script is not None
+            url = f"{reference.url}{PAGE_PATH}?{PAGE_QUERY}"
+            configs.insert(0, Config("starlette", THROUGHPUT_LABELS["starlette"], url, reference_script, (reference,)))
+            summaries = interleave(
+                wrk, configs, runs=runs, seconds=seconds, warmup=warmup, progress=lambda t: print(t, file=sys.stderr)
+            )
+        finally:
+            for service in reversed(services):
+                service.stop()
+    bare = summaries["starlette"].rps
+    for name, summary in summaries.items():
+        helpers = {
+            key: statistics.median(run.cpu_s.get(key, 0.0) for run in summary.runs) for key in summary.runs[0].cpu_s
+        }
+        requests = statistics.median(run.requests for run in summary.runs)
+        results[name] = {
+            "rps": summary.rps,
+            "ratio": summary.rps / bare,
+            "cpu_us_per_request": {key: 1e6 * value / max(1, requests) for key, value in helpers.items()},
+        }
+    return results
+
+
+def _start_deliverer(name: str, config: Path, directory: Path, root: Path) -> Any:
+    from benchmarks.macro import Service
+
+    log = directory / f"deliverer-{name.replace(' ', '-')}.log"
+    env = subprocess_env({"PYTHONPATH": str(root)})
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "deliver", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root,
+        )  # fmt: skip
+    service = Service(f"deliverer {name}", process, 0, log)
+    time.sleep(1.0)
+    service.refresh_tree()
+    return service
+
+
+def _drain(path: str, timeout: float = 60.0) -> dict[str, float]:
+    """After a run: wait until the deliverer has settled every row, so it steals no CPU from the next run."""
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    while time.monotonic() < deadline:
+        books = read_host_stats(path, ["plausible", "ga4"])
+        if all(row["pending"] == 0 for row in books.values()):
+            break
+        time.sleep(0.2)
+    totals = {f"{name}_{key}": row[key] for name, row in books.items() for key in ("delivered", "dropped_overflow")}
+    return {"drain_seconds": time.monotonic() - started, **totals}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000)
@@ -212,6 +343,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--compiled", action="store_true", help="also measure the mypyc-compiled build")
     parser.add_argument("--compiled-dir", type=Path, help="build the compiled copy here and reuse it next time")
+    parser.add_argument("--wrk", action="store_true", help="also the middleware throughput (needs wrk)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8.0)
     args = parser.parse_args()
     if args.row:
         print(json.dumps(_one(args.row, args.collector, args.events)))
@@ -224,9 +358,20 @@ def main() -> None:
         if compiled is not None and compiled.root is not None:
             builds["compiled"] = compiled.root
         results = run(args.events, builds)
+        throughput: dict[str, dict[str, Any]] = {}
+        if args.wrk:
+            from benchmarks.macro import ensure_tools
+
+            tools = ensure_tools()
+            if tools.wrk is None:
+                sys.exit(f"wrk is required: {tools.note}")
+            throughput = run_throughput(tools.wrk, builds, runs=args.runs, seconds=args.duration, warmup=2.0)
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps({"rows": results, "throughput": throughput}))
         return
+    for name, row in throughput.items():
+        cpu = ", ".join(f"{key} {value:.0f} µs" for key, value in row["cpu_us_per_request"].items())
+        print(f"{name:<26} {row['rps']:9,.0f} req/s  {row['ratio']:.3f} of bare Starlette  CPU/request: {cpu}")
     for result in results:
         added = result.get("added_us_per_event")
         extra = f"  (+{added:.1f} µs over no destinations)" if added is not None else ""

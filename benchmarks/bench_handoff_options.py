@@ -122,7 +122,11 @@ def run(events: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-handoff-options-") as tmp:
         directory = Path(tmp)
         items = _payloads(events, directory)
-        for name, measure in (("sqlite_outbox", sqlite_outbox), ("unix_socket", unix_socket), ("json_encode", json_encode)):
+        for name, measure in (
+            ("sqlite_outbox", sqlite_outbox),
+            ("unix_socket", unix_socket),
+            ("json_encode", json_encode),
+        ):
             sub = directory / name
             os.mkdir(sub)
             results[name] = 1e6 * measure(items, sub) / events
