@@ -514,13 +514,18 @@ class Spool:
 
         ``settled``: rows to settle as :meth:`settle` does, in the same commit (one commit per request, not two).
         """
+        self.mark_sending_many({destination: (event_ids, settled or {})})
+
+    def mark_sending_many(self, marks: Mapping[str, tuple[Sequence[str], Mapping[str, Sequence[str]]]]) -> None:
+        """:meth:`mark_sending` for several destinations, in one commit: ``{destination: (event ids, settled)}``."""
         with self._transaction() as conn:
-            if settled:
-                _settle(conn, destination, settled)
-            conn.executemany(
-                "UPDATE payloads SET leased = 2 WHERE destination = ? AND event_id = ?",
-                [(destination, event_id) for event_id in event_ids],
-            )
+            for destination, (event_ids, settled) in marks.items():
+                if settled:
+                    _settle(conn, destination, settled)
+                conn.executemany(
+                    "UPDATE payloads SET leased = 2 WHERE destination = ? AND event_id = ?",
+                    [(destination, event_id) for event_id in event_ids],
+                )
 
     def recover_sending(self, *, retry: bool) -> dict[str, int]:
         """Host mode, at start: rows that were on the wire when the last deliverer died, per destination.

@@ -18,7 +18,7 @@ from gateway.config import DispatchSettings
 from gateway.delivery.lanes import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN, DONE, Flight, Item, Lane
 from gateway.delivery.retry import backoff_delay, call, circuit_failure, circuit_success, safe_reason
 from gateway.delivery.settle import Settler
-from gateway.delivery.spool_bridge import SpoolBridge
+from gateway.delivery.spool_bridge import SendingMarks, SpoolBridge
 from gateway.policy import parse_retry_after
 from gateway.sinks import Outcome
 
@@ -39,6 +39,8 @@ class Senders:
         self.host = host
         self.request_deadline = request_deadline
         self.random = random.Random()
+        self.marks = SendingMarks(bridge)
+        settle.commit_pending = self.marks.pending_for
 
     async def run(self, lane: Lane) -> None:
         loop = asyncio.get_running_loop()
@@ -157,19 +159,11 @@ class Senders:
         if self.host and self.bridge.spool is not None:
             # Durably "on the wire" before it is: a deliverer killed now counts it as ambiguous at its next start
             # instead of sending it twice.
-            marked = [item.payload.event_id for item in items]
-            # What this lane settled since the last commit goes in the same one.
-            settled, lane.settling = lane.settling, {}
-            if settled:
-                lane.spool_version += 1
             try:
-                await self.bridge.run(self.bridge.spool.mark_sending, lane.name, marked, settled)
-            except Exception as exc:
-                log.error("%s: spool write failed: %s", lane.name, type(exc).__name__)
-                for key, event_ids in settled.items():  # not written: settle them with the next commit
-                    if not lane.settling:
-                        asyncio.get_running_loop().call_soon(self.settle.flush_settling, lane)
-                    lane.settling.setdefault(key, []).extend(event_ids)
+                await self.marks.mark(lane, [item.payload.event_id for item in items])
+            except Exception:
+                if lane.settling:
+                    asyncio.get_running_loop().call_soon(self.settle.flush_settling, lane)
                 for item in items:
                     if item.in_flight and item.state != DONE:
                         self.settle.return_item(lane, item)

@@ -25,12 +25,19 @@ from gateway.spool import DeadLetter
 __all__ = ["Settler"]
 
 
+def _never(lane: Lane) -> bool:
+    return False
+
+
 class Settler:
     def __init__(self, bridge: SpoolBridge, clock: Callable[[], float], *, host: bool) -> None:
         self.bridge = bridge
         self.clock = clock
         self.host = host
         self.log = LogThrottle()
+        # Host mode: whether a commit that marks this lane's next request is already on its way this turn (the senders
+        # set it); it takes the lane's settled rows along, one commit instead of two.
+        self.commit_pending: Callable[[Lane], bool] = _never
 
     def fire(self, lane: Lane, func: Callable[..., object], *args: Any) -> None:
         """A spool call whose effect on the books was already applied, without waiting for it."""
@@ -85,7 +92,7 @@ class Settler:
             self.fire(lane, spool.delete, lane.name, [item.payload.event_id])
 
     def flush_settling(self, lane: Lane) -> None:
-        if lane.settling and self.bridge.spool is not None:
+        if lane.settling and self.bridge.spool is not None and not self.commit_pending(lane):
             batch, lane.settling = lane.settling, {}
             self.fire(lane, self.bridge.spool.settle, lane.name, batch)
 

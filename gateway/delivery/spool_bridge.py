@@ -15,9 +15,10 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from gateway.delivery.lanes import Lane
 from gateway.spool import PutResult, Spool, SpoolRow, SpoolSummary
 
-__all__ = ["MaintainResult", "SpoolBridge", "maintain_op"]
+__all__ = ["MaintainResult", "SendingMarks", "SpoolBridge", "maintain_op"]
 
 log = logging.getLogger("gateway.dispatch")
 
@@ -68,6 +69,63 @@ class SpoolBridge:
         future = self._executor.submit(func, *args)
         future.add_done_callback(_log_spool_failure)
         return True
+
+
+class SendingMarks:
+    """Host mode: rows about to go on the wire, marked durably before they are, for every sender in one commit.
+
+    A sender waits for the commit that marks its request's rows; all senders that reach that point in the same turn
+    of the event loop share one commit (on a busy deliverer, responses arrive together and so do the next requests),
+    and each lane's rows settled since the last commit go in it too. A commit costs ~40 µs of CPU whatever it holds.
+    """
+
+    def __init__(self, bridge: SpoolBridge) -> None:
+        self.bridge = bridge
+        self._waiting: list[tuple[Lane, list[str], asyncio.Future[None]]] = []
+
+    def pending_for(self, lane: Lane) -> bool:
+        """A commit for this lane is on its way in this turn of the loop."""
+        return any(waiting is lane for waiting, _, _ in self._waiting)
+
+    async def mark(self, lane: Lane, event_ids: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._commit)
+        self._waiting.append((lane, event_ids, future))
+        await future
+
+    def _commit(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        lanes: dict[str, Lane] = {}
+        marks: dict[str, tuple[list[str], dict[str, list[str]]]] = {}
+        for lane, event_ids, _ in waiting:
+            marked, settled = marks.setdefault(lane.name, ([], {}))
+            marked.extend(event_ids)
+            if lane.settling:
+                for outcome, settled_ids in lane.settling.items():
+                    settled.setdefault(outcome, []).extend(settled_ids)
+                lane.settling = {}
+                lane.spool_version += 1
+            lanes[lane.name] = lane
+        spool = self.bridge.spool
+        try:
+            if spool is None:
+                raise RuntimeError("the spool is closed")
+            spool.mark_sending_many(marks)
+        except Exception as exc:
+            log.error("spool: marking rows as sent failed: %s", type(exc).__name__)
+            for name, (_, settled) in marks.items():  # not written: they settle with the next commit
+                lane = lanes[name]
+                for outcome, settled_ids in settled.items():
+                    lane.settling.setdefault(outcome, []).extend(settled_ids)
+            for _, _, future in waiting:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for _, _, future in waiting:
+            if not future.done():
+                future.set_result(None)
 
 
 def _log_spool_failure(future: concurrent.futures.Future[Any]) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import sqlite3
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -160,3 +161,34 @@ async def test_per_worker_spools_from_before_are_moved_into_the_host_spool(tmp_p
     await running.stop()
     assert len(collector.urls) == 5
     assert balanced(read_host_stats(settings.spool.path, ["plausible"])["plausible"])
+
+
+@pytest.mark.anyio
+async def test_a_failed_mark_sends_nothing_and_loses_no_settled_row(tmp_path: Path) -> None:
+    """The commit that marks rows as on the wire also carries the rows settled since the last one: when it fails,
+    nothing is sent, and those settled rows are settled (and counted) with a later commit."""
+    settings = host_settings(tmp_path)
+    await hand_off(settings, 30)
+    collector = Collector()
+    running = deliverer(settings, collector)
+    failures = {"left": 3}
+    original = Spool.mark_sending_many
+
+    def flaky(self: Spool, marks: Mapping[str, tuple[Sequence[str], Mapping[str, Sequence[str]]]]) -> None:
+        carries_settled = any(settled for _, settled in marks.values())
+        if len(collector.urls) >= 5 and failures["left"] and carries_settled:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        original(self, marks)
+
+    Spool.mark_sending_many = flaky  # type: ignore[method-assign]
+    try:
+        await running.start()
+        assert await running.wait_idle(10.0)
+        await running.stop()
+    finally:
+        Spool.mark_sending_many = original  # type: ignore[method-assign]
+    assert failures["left"] == 0  # the failures happened
+    row = read_host_stats(settings.spool.path, ["plausible"])["plausible"]
+    assert len(collector.urls) == len(set(collector.urls)) == row["delivered"] == 30, row
+    assert row["pending"] == row["spool_rows"] == 0 and balanced(row), row

@@ -225,6 +225,7 @@ def test_props_are_capped_scalar_and_sized() -> None:
 # Answers
 # ------------------------------------------------------------------------------------------------------------
 
+
 def http_date_in_120s() -> str:
     """Taken when the test runs, not at import: the suite may reach this test minutes after collecting it."""
     return email.utils.formatdate(time.time() + 120, usegmt=True)
