@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from gateway.delivery.books import read_host_stats
 from tests.load.checker import parse_metrics
 from tests.load.collectors import CollectorRecord
 from tests.servers import REPO, Server, free_port, run_server
@@ -137,6 +138,14 @@ def worker_pids(server: Server) -> list[int]:
     return [pid for pid, args in children(server.process.pid).items() if "spawn_main" in args]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: Callable[[], object] = str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -213,6 +222,12 @@ def test_workers_share_one_deliverer_and_one_set_of_books(tmp_path: Path) -> Non
         assert len(third - new) <= ambiguous, (sorted(third - new), row)
         assert row["delivered"] + ambiguous >= sum(paths.values()) >= row["delivered"], row
         assert balanced(row), row
+
+        # A clean stop: exit code 0, the workers and the deliverer gone, nothing left behind in the spool.
+        last_deliverer = deliverer_pid(gateway)
+        assert gateway.stop() == 0
+        assert not _alive(last_deliverer)
+    assert read_host_stats(str(tmp_path / "spool.sqlite3"), ["plausible"])["plausible"]["spool_rows"] == 0
     assert "deliverer exited with -9; restarting" in gateway.output()
     assert "Traceback" not in gateway.output()
 
