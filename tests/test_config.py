@@ -216,6 +216,12 @@ BAD = [
         "config error: destinations.g.requires[0]: 'marketing' is not a consent category",
     ),
     ("[dispatch]\nqueue_size = 0", "config error: dispatch.queue_size: 0 must be greater than 0"),
+    ("[dispatch]\nmode = 'threads'", "config error: dispatch.mode: 'threads' must be one of"),
+    (
+        "[dispatch]\nmode = 'deliverer'\n[spool]\nenabled = false",
+        "config error: dispatch.mode: 'deliverer' needs spool.enabled = true",
+    ),
+    ("[dispatch]\nhandoff_interval = 0", "config error: dispatch.handoff_interval: 0.0 must be greater than 0"),
     ("[metrics]\nallow = ['localhost']", "config error: metrics.allow[0]: 'localhost' is not an IP network"),
     ("prefix = '/'", "config error: prefix: '/' must not be the site root"),
     (

@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -158,3 +159,31 @@ async def test_no_canary_ever_rests_on_disk(tmp_path: Path, url: str, referrer: 
     assert b"python.org" in on_disk  # the payloads are there...
     for canary in (FULL_IP, EMAIL, TOKEN, "jane.doe"):
         assert canary.encode() not in on_disk  # ...without anything the policies remove
+
+
+@pytest.mark.anyio
+async def test_a_failed_write_keeps_the_events_and_writes_them_later(tmp_path: Path) -> None:
+    settings = host_settings(tmp_path)
+    handoff = Handoff(build_sinks(settings), settings)
+    original = handoff._spool.hand_off
+    failures = {"left": 2}
+
+    def flaky(rows: Any, counts: Any) -> int:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return original(rows, counts)
+
+    handoff._spool.hand_off = flaky  # type: ignore[method-assign]
+    await handoff.start()
+    for index in range(10):
+        handoff.submit(page_view(index))
+    for _ in range(200):  # the writer tries again every interval (5 ms here)
+        if not failures["left"] and not handoff.stats()["buffered"]:
+            break
+        await anyio.sleep(0.01)
+    assert handoff.stats()["buffered"] == 0  # written by the writer thread, not only at stop()
+    await handoff.stop()
+    assert failures["left"] == 0 and handoff.stats()["write_errors"] == 2
+    row = read_host_stats(settings.spool.path, ["plausible"])["plausible"]
+    assert row["accepted"] == row["spool_rows"] == 10 and row["dropped_overflow"] == 0, row
