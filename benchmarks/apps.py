@@ -8,6 +8,9 @@
 - :func:`naive_cached_app`: that Starlette app inside the issue's reference privacy middleware, the faster of its
   two naive designs ("verified cookies cached per token and geo cached per /24"), to calibrate this machine
   against the issue's table; geo database and consent key from the ``BENCH_GATEWAY_CONFIG`` settings file.
+- :func:`django_app`: a Django ASGI site whose page renders a template of ~10 KB (a downloads table in a base
+  layout, as python.org's pages are made), the realistic reference: a page costs what a real app's page costs.
+- :func:`django_gateway_app`: that Django site inside ``PrivacyGateway`` (settings from ``BENCH_GATEWAY_CONFIG``).
 - :func:`collector_app`: a Plausible/GA4-style collector that reads each body and answers ``202``, counting events.
 - :func:`naive_proxy_app`: the naive proxy design the issue measured: Starlette, one shared ``httpx.AsyncClient``,
   ``StreamingResponse`` over ``aiter_raw()``; upstream from ``BENCH_UPSTREAM_URL``.
@@ -37,6 +40,8 @@ __all__ = [
     "CONFIG_ENV",
     "UPSTREAM_ENV",
     "collector_app",
+    "django_app",
+    "django_gateway_app",
     "gateway_app",
     "naive_cached_app",
     "naive_proxy_app",
@@ -79,6 +84,95 @@ def gateway_app() -> ASGIApp:
     settings = load_settings(os.environ[CONFIG_ENV])
     configure_logging(settings.logging.level)
     return PrivacyGateway(starlette_app(), settings)
+
+
+_DJANGO_TEMPLATE: Final = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }} | Python.org</title>
+<link rel="stylesheet" href="/static/styles/style.css"></head>
+<body><header><nav>{% for item in menu %}<a href="{{ item.url }}">{{ item.name }}</a> {% endfor %}</nav></header>
+<main><h1>{{ title }}</h1>
+<table class="releases">{% for release in releases %}
+<tr><td><a href="/downloads/release/python-{{ release.slug }}/">Python {{ release.version }}</a></td>
+<td>{{ release.date|date:"M j, Y" }}</td><td>{{ release.notes|truncatechars:60 }}</td>
+<td>{% if release.security %}security{% else %}bugfix{% endif %}</td></tr>{% endfor %}
+</table></main>
+<footer>{% for item in menu %}<a href="{{ item.url }}">{{ item.name|upper }}</a> {% endfor %}</footer></body></html>
+"""
+
+
+def _django_site() -> ASGIApp:
+    """Django configured in process (no project on disk), one view rendering the template through the engine."""
+    import datetime
+
+    import django
+    from django.conf import settings as django_settings
+
+    if not django_settings.configured:
+        django_settings.configure(
+            DEBUG=False,
+            SECRET_KEY="benchmark-only-not-secret",
+            ROOT_URLCONF=__name__,
+            ALLOWED_HOSTS=["*"],
+            MIDDLEWARE=["django.middleware.common.CommonMiddleware"],
+            INSTALLED_APPS=[],
+            USE_TZ=True,
+            TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates", "DIRS": [], "OPTIONS": {}}],
+        )
+        django.setup()
+    from django.core.asgi import get_asgi_application
+
+    global _django_context, _django_template
+    from django.template import engines
+
+    _django_template = engines["django"].from_string(_DJANGO_TEMPLATE)
+    menu = [
+        {"name": name, "url": f"/{name.lower()}/"} for name in ("About", "Downloads", "Docs", "Community", "Events")
+    ]
+    releases = [
+        {
+            "version": f"3.{minor}.{patch}",
+            "slug": f"3{minor}{patch}",
+            "date": datetime.date(2020 + minor % 6, 1 + patch % 12, 1 + (minor * patch) % 28),
+            "notes": "Release notes: bug fixes, security fixes and improvements across the standard library.",
+            "security": patch % 3 == 0,
+        }
+        for minor in range(8, 14)
+        for patch in range(9)
+    ]
+    _django_context = {"title": "Download Python", "menu": menu, "releases": releases}
+    return get_asgi_application()  # type: ignore[no-any-return]
+
+
+_django_template: Any = None
+_django_context: dict[str, Any] = {}
+
+
+def _django_page(request: Any) -> Any:
+    from django.http import HttpResponse
+
+    return HttpResponse(_django_template.render(_django_context, request))
+
+
+def __getattr__(name: str) -> Any:  # Django reads ROOT_URLCONF's urlpatterns lazily
+    if name == "urlpatterns":
+        from django.urls import path
+
+        return [path(PAGE_PATH.strip("/") + "/", _django_page)]
+    raise AttributeError(name)
+
+
+def django_app() -> ASGIApp:
+    return _django_site()
+
+
+def django_gateway_app() -> ASGIApp:
+    from gateway.config import load_settings
+    from gateway.logs import configure_logging
+    from gateway.middleware import PrivacyGateway
+
+    settings = load_settings(os.environ[CONFIG_ENV])
+    configure_logging(settings.logging.level)
+    return PrivacyGateway(_django_site(), settings)
 
 
 class PassThrough:

@@ -15,6 +15,10 @@ lanes), which isolates the request-path cost from the delivery cost. Given a com
 (``gateway-compiled``, ``gateway-nodest-compiled``) in the same rounds; every gateway server is checked (by its
 memory maps) to run the build it is labelled with.
 
+The realistic row (issue 17): a Django site rendering a ~10 KB page from a template (``django``, its own reference)
+and the same site inside ``PrivacyGateway`` with no destinations (``django-gateway``, and ``-compiled``): the share
+of a real app's CPU that the gateway takes.
+
     python -m benchmarks.macro [--duration 10] [--runs 5] [--compiled [--compiled-dir DIR]]
 """
 
@@ -97,6 +101,9 @@ MIDDLEWARE_LABELS: Final = {
     "naive-cached": "Starlette + the issue's reference privacy middleware (cached; fewer features)",
     "gateway-compiled": "Starlette + gateway (compiled), Plausible + GA4 delivering to a local collector",
     "gateway-nodest-compiled": "Starlette + gateway (compiled), no destinations",
+    "django": "Django app, bare (a template rendering a ~10 KB page)",
+    "django-gateway": "Django app + gateway, no destinations",
+    "django-gateway-compiled": "Django app + gateway (compiled), no destinations",
 }
 
 # --------------------------------------------------------------------------------------------------------------
@@ -748,7 +755,9 @@ def run_middleware(
             config_path = sub / "gateway.toml"
             config_path.write_text(to_toml(table), encoding="utf-8")
             script = write_wrk_script(sub / "wrk.lua", cookie_header(load(config_path)))
-            factory = "benchmarks.apps:gateway_app"
+            factory = (
+                "benchmarks.apps:django_gateway_app" if name.startswith("django") else "benchmarks.apps:gateway_app"
+            )
             return _Server(name, factory, config_path, script, build, cwd, delivering)
 
         servers_wanted = [
@@ -764,10 +773,17 @@ def run_middleware(
                 _Server("passthrough", "benchmarks.apps:passthrough_app"),
                 _Server("naive-cached", "benchmarks.apps:naive_cached_app", settings_file=nodest_settings),
             ]
+        # The realistic row (issue 17): a Django page that costs what a real app's page costs, with and without the
+        # gateway (no destinations, so the figure is the request path's share of the app's CPU).
+        servers_wanted += [
+            _Server("django", "benchmarks.apps:django_app"),
+            gateway_server("django-gateway", False, PURE, REPO),
+        ]
         if compiled is not None and compiled.root is not None:
             servers_wanted += [
                 gateway_server("gateway-compiled", True, COMPILED, compiled.root),
                 gateway_server("gateway-nodest-compiled", False, COMPILED, compiled.root),
+                gateway_server("django-gateway-compiled", False, COMPILED, compiled.root),
             ]
         reference_script = next(s.script for s in servers_wanted if s.script is not None)
         servers: dict[str, Service] = {}

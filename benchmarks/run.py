@@ -66,6 +66,8 @@ MARK_END: Final = "<!-- results:end -->"
 
 # Goals of GitHub issue 7 (ratios in one run, one worker).
 MIDDLEWARE_THROUGHPUT_GOAL: Final = 0.90
+# Issue 17: a Django page (a template rendering ~10 KB, like python.org's) behind the gateway vs the bare page.
+DJANGO_THROUGHPUT_GOAL: Final = 0.97
 MIDDLEWARE_P99_GOAL: Final = 1.2
 PAGEVIEW_ADDED_US_GOAL: Final = 10.0
 IP_CORE_ADDED_US_GOAL: Final = 8.0  # issue 2's budget for the client-IP core
@@ -362,6 +364,23 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
                     f"{p99:.2f}×",
                     f"≤ {MIDDLEWARE_P99_GOAL:.1f}×",
                     p99 <= MIDDLEWARE_P99_GOAL,
+                )
+            )
+    # The realistic row (issue 17): the share of a Django page's CPU the gateway takes.
+    if "django" in results:
+        django = results["django"]
+        for build, key in _builds(results, "django-gateway"):
+            ratio = results[key].rps / django.rps
+            goals.append(
+                GoalRow(
+                    "Middleware",
+                    build,
+                    "throughput, Django page (~10 KB template) + gateway, no destinations",
+                    _rps(results[key].rps),
+                    f"bare Django {_rps(django.rps)}",
+                    f"{ratio:.3f}",
+                    f"≥ {DJANGO_THROUGHPUT_GOAL:.2f}",
+                    ratio >= DJANGO_THROUGHPUT_GOAL,
                 )
             )
     # Calibration rows: the same load through a do-nothing send wrapper, and through the issue's reference design

@@ -144,12 +144,18 @@ class Handoff:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._write()
-        self._write()  # the last events, after intake stopped
+            self._write_logged()
+        self._write_logged()  # the last events, after intake stopped
         if self._retry:
             log.error("handoff: %d events could not be written to the spool at shutdown", len(self._retry))
 
     # off the request path -----------------------------------------------------------------------------------------
+
+    def _write_logged(self) -> None:
+        try:
+            self._write()
+        except Exception as exc:  # a bug: the writer must outlive it, or events would pile up unwritten
+            log.error("handoff: write failed: %s", type(exc).__name__)
 
     def _write(self) -> None:
         events = self._retry

@@ -22,6 +22,7 @@ from gateway.delivery.lanes import (
     PURGE_EVERY_SECONDS,
     RELEASING,
     SPILL_AGE_TICKS,
+    SPILL_CHUNK,
     SPILLING,
     SPOOLED,
     Item,
@@ -100,22 +101,13 @@ class Keeper:
             spill_queue = min(len(lane.queue), max(0, lane.checkpoints[-SPILL_AGE_TICKS] - lane.dequeued))
         else:
             spill_queue = 0
-        events: list[Event] = list(lane.overflow)
-        lane.overflow.clear()
-        for _ in range(spill_queue):
-            events.append(lane.queue.popleft())
-        lane.dequeued += spill_queue
-        # Register the batch before building, so the books can see its items while the build yields.
-        lane.spilling.append(items)
-        try:
-            for index, event in enumerate(events):
-                built = self.settle.build(lane, event, now)
-                if built is not None:
-                    items.append(built)
-                if index % BUILD_CHUNK == BUILD_CHUNK - 1:
-                    await asyncio.sleep(0)
-        finally:
-            lane.spilling.remove(items)
+        # A long backlog is written in chunks of SPILL_CHUNK events, each built right before its commit: memory then
+        # holds one chunk of built payloads (and their encodings) at a time rather than the whole backlog's.
+        backlog = len(lane.overflow) + spill_queue
+        events, taken = self._take_chunk(lane, spill_queue)
+        spill_queue -= taken
+        written = len(events)
+        await self._build_into(lane, events, items, now)
         purge = now - lane.last_purge >= PURGE_EVERY_SECONDS or (
             lane.spool_oldest is not None and now - lane.spool_oldest > lane.ttl
         )
@@ -138,6 +130,42 @@ class Keeper:
         stale = lane.summary_version != lane.spool_version or self.host
         if items or leased or purge or load or stale:
             await self.spill(lane, items, leased, now, purge=purge, load=load, final=False)
+        while written < backlog and not lane.keeper_exit:
+            events, taken = self._take_chunk(lane, spill_queue)
+            if not events:
+                break
+            spill_queue -= taken
+            written += len(events)
+            chunk: list[Item] = []
+            await self._build_into(lane, events, chunk, now)
+            await self.spill(lane, chunk, [], now, purge=False, load=0, final=False)
+
+    @staticmethod
+    def _take_chunk(lane: Lane, from_queue: int) -> tuple[list[Event], int]:
+        """Up to SPILL_CHUNK events to spool: overflow first, then at most ``from_queue`` of the oldest queued
+        (and how many of those)."""
+        events: list[Event] = []
+        overflow = lane.overflow
+        while overflow and len(events) < SPILL_CHUNK:
+            events.append(overflow.popleft())
+        taken = min(from_queue, len(lane.queue), SPILL_CHUNK - len(events))
+        for _ in range(taken):
+            events.append(lane.queue.popleft())
+        lane.dequeued += taken
+        return events, taken
+
+    async def _build_into(self, lane: Lane, events: list[Event], items: list[Item], now: float) -> None:
+        # Register the batch before building, so the books can see its items while the build yields.
+        lane.spilling.append(items)
+        try:
+            for index, event in enumerate(events):
+                built = self.settle.build(lane, event, now)
+                if built is not None:
+                    items.append(built)
+                if index % BUILD_CHUNK == BUILD_CHUNK - 1:
+                    await asyncio.sleep(0)
+        finally:
+            lane.spilling.remove(items)
 
     async def spill(
         self, lane: Lane, items: list[Item], leased: list[Item], now: float, *, purge: bool, load: int, final: bool

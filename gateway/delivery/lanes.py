@@ -50,6 +50,8 @@ OVERFLOW_MIN: Final = 1000
 # Overflow events that wake the keeper for a spool write before its next tick.
 SPOOL_WAKE_BATCH: Final = 64
 BUILD_CHUNK: Final = 256  # builds between yields to the loop when spooling a long queue
+# Events built and written per spool commit when the keeper spools a backlog: memory holds one chunk of payloads.
+SPILL_CHUNK: Final = 128
 PURGE_EVERY_SECONDS: Final = 1.0
 
 
