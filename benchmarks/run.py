@@ -64,14 +64,17 @@ READMES: Final = (HERE / "README.md", REPO / "README.md")
 MARK_START: Final = "<!-- results:start -->"
 MARK_END: Final = "<!-- results:end -->"
 
-# Goals of GitHub issue 7 (ratios in one run, one worker).
-MIDDLEWARE_THROUGHPUT_GOAL: Final = 0.90
+# Goals of GitHub issue 7 (ratios in one run, one worker), as issue 17 revised them: issue 7's 0.90 of a bare
+# Starlette "hello page" is retired (a send-only pass-through middleware reaches 0.99; 0.90 would leave ~4 µs).
+# Middleware with no destinations / bare Starlette, and the CPU it adds per request, per build.
+MIDDLEWARE_THROUGHPUT_GOALS: Final = {"pure Python": 0.55, "compiled": 0.65}
+MIDDLEWARE_ADDED_CPU_US_GOALS: Final = {"pure Python": 32.0, "compiled": 22.0}
 # Issue 17: a Django page (a template rendering ~10 KB, like python.org's) behind the gateway vs the bare page.
 DJANGO_THROUGHPUT_GOAL: Final = 0.97
 MIDDLEWARE_P99_GOAL: Final = 1.2
 PAGEVIEW_ADDED_US_GOAL: Final = 10.0
 IP_CORE_ADDED_US_GOAL: Final = 8.0  # issue 2's budget for the client-IP core
-PROXY_VS_NGINX_GOAL: Final = 0.25
+PROXY_VS_NGINX_GOALS: Final = {"pure Python": 0.25, "compiled": 0.33}  # issue 17
 PROXY_VS_NAIVE_GOAL: Final = 10.0
 DISPATCH_EVENTS_GOAL: Final = 1000.0
 # "Bounded memory": RSS flat over the second half of the run, and far fewer memory blocks retained than a leak of
@@ -339,6 +342,7 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
         for build, key in _builds(results, name):
             gw = results[key]
             ratio = gw.rps / ref.rps
+            goal = MIDDLEWARE_THROUGHPUT_GOALS[build] if name == "gateway-nodest" else None
             goals.append(
                 GoalRow(
                     "Middleware",
@@ -347,10 +351,27 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
                     _rps(gw.rps),
                     f"bare Starlette {_rps(ref.rps)}",
                     f"{ratio:.3f}",
-                    f"≥ {MIDDLEWARE_THROUGHPUT_GOAL:.2f}",
-                    ratio >= MIDDLEWARE_THROUGHPUT_GOAL,
+                    f"≥ {goal:.2f}" if goal is not None else "reported (delivery: issue 13, docs/delivery.md)",
+                    ratio >= goal if goal is not None else None,
                 )
             )
+        if name == "gateway-nodest":
+            for build, key in _builds(results, name):
+                gw = results[key]
+                added = gw.cpu_us_per_request(gw.server) - ref.cpu_us_per_request(ref.server)
+                goal_us = MIDDLEWARE_ADDED_CPU_US_GOALS[build]
+                goals.append(
+                    GoalRow(
+                        "Middleware",
+                        build,
+                        "server CPU added per request, gateway no destinations",
+                        f"{added:.0f} µs",
+                        f"bare Starlette {ref.cpu_us_per_request(ref.server):.0f} µs",
+                        "—",
+                        f"≤ {goal_us:.0f} µs",
+                        added <= goal_us,
+                    )
+                )
         for build, key in _builds(results, name):
             gw = results[key]
             p99 = gw.p99_ms / ref.p99_ms
@@ -545,8 +566,8 @@ def proxy_section(results: dict[str, Summary], mode: Mode) -> tuple[list[str], l
             _rps(results[key].rps),
             f"nginx proxy_pass {_rps(ref.rps)}",
             f"{results[key].rps / ref.rps:.3f}",
-            f"≥ {PROXY_VS_NGINX_GOAL:.2f}",
-            results[key].rps / ref.rps >= PROXY_VS_NGINX_GOAL,
+            f"≥ {PROXY_VS_NGINX_GOALS[build]:.2f}",
+            results[key].rps / ref.rps >= PROXY_VS_NGINX_GOALS[build],
         )
         for build, key in builds
     ]
