@@ -387,21 +387,42 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
                     p99 <= MIDDLEWARE_P99_GOAL,
                 )
             )
-    # The realistic row (issue 17): the share of a Django page's CPU the gateway takes.
-    if "django" in results:
+    # The realistic row (issue 17): the share of a Django page's CPU the gateway takes, measured as server CPU per
+    # page at a fixed rate below saturation. Saturated, a Django worker's throughput swings with GIL contention
+    # between its event loop and the thread its sync views run in (measured: the page + gateway came out *faster*
+    # than the bare page), so the throughput ratio is reported but not judged.
+    if "django" in results and results["django"].paced:
         django = results["django"]
+        bare_cpu = django.paced_cpu_us_per_request(django.server)
         for build, key in _builds(results, "django-gateway"):
-            ratio = results[key].rps / django.rps
+            gw = results[key]
+            if not gw.paced:
+                continue
+            cpu = gw.paced_cpu_us_per_request(gw.server)
+            ratio = bare_cpu / cpu if cpu else 0.0
             goals.append(
                 GoalRow(
                     "Middleware",
                     build,
-                    "throughput, Django page (~10 KB template) + gateway, no destinations",
-                    _rps(results[key].rps),
-                    f"bare Django {_rps(django.rps)}",
+                    f"Django page (~10 KB template) + gateway, no destinations: server CPU per page at "
+                    f"{gw.paced_rate:,.0f} req/s",
+                    f"{cpu:,.0f} µs",
+                    f"bare Django {bare_cpu:,.0f} µs",
                     f"{ratio:.3f}",
                     f"≥ {DJANGO_THROUGHPUT_GOAL:.2f}",
                     ratio >= DJANGO_THROUGHPUT_GOAL,
+                )
+            )
+            goals.append(
+                GoalRow(
+                    "Middleware",
+                    build,
+                    "Django page + gateway: throughput at saturation",
+                    _rps(gw.rps),
+                    f"bare Django {_rps(django.rps)}",
+                    f"{gw.rps / django.rps:.3f}",
+                    "reported (GIL contention dominates; see the CPU row)",
+                    None,
                 )
             )
     # Calibration rows: the same load through a do-nothing send wrapper, and through the issue's reference design
