@@ -40,14 +40,15 @@ from typing import Any, Final
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import CLIENT_ADDRESS, REQUEST_HEADERS
+from benchmarks.bench_dispatch import _event as dispatch_event
+from benchmarks.common import REQUEST_HEADERS
 from benchmarks.compiled import compiled_build_if_asked, loaded_extension_modules, subprocess_env
 from benchmarks.macro import start_uvicorn
 from gateway.config import Settings, load_settings
 from gateway.delivery.books import read_host_stats
 from gateway.delivery.dispatcher import Dispatcher
 from gateway.delivery.handoff import Handoff
-from gateway.events import PAGEVIEW, Event
+from gateway.events import Event
 from gateway.sinks.factory import build_sinks
 
 __all__ = ["run"]
@@ -61,19 +62,12 @@ DELIVERER_ROWS: Final = ("deliver_plausible", "deliver_ga4")
 
 
 def _event(index: int, visitors: int = 0) -> Event:
-    """A page view as the middleware builds it; ``visitors`` > 0: that many distinct browsers (GA4 clients)."""
-    agent = f"{_USER_AGENT} v{index % visitors}" if visitors else _USER_AGENT
-    return Event(
-        name=PAGEVIEW,
-        url=f"https://bench.example/downloads/release/python-3{index % 100}/?utm_source=bench&email=x%40y.org",
-        referrer="https://www.google.com/",
-        title="Download Python | Python.org",
-        language="en-gb",
-        user_agent=agent,
-        country="GB",
-        ip=CLIENT_ADDRESS.rsplit(".", 1)[0] + ".0",
-        granted=frozenset({"analytics"}),
-    )
+    """bench_dispatch's page view, analytics granted; ``visitors`` > 0: that many distinct browsers (GA4 clients)."""
+    event = dispatch_event(index)
+    event.granted = frozenset({"analytics"})
+    if visitors:
+        event.user_agent = f"{_USER_AGENT} v{index % visitors}"
+    return event
 
 
 def _settings(directory: Path, collector: str, destinations: tuple[str, ...], mode: str) -> Settings:

@@ -24,7 +24,7 @@ from typing import Any
 import uvicorn
 
 from gateway.config import Settings, load_settings
-from gateway.delivery.deliverer import DelivererSupervisor, deliverer_env
+from gateway.delivery.deliverer import DelivererSupervisor
 from gateway.logs import configure_logging, get_logger, log_event
 from gateway.middleware import PrivacyGateway
 from gateway.proxy import ReverseProxy
@@ -33,7 +33,6 @@ __all__ = ["CONFIG_ENV", "app_factory", "create_app", "demo_overrides", "serve",
 
 # Workers started by uvicorn re-import the app; they find the config file through this variable.
 CONFIG_ENV = "GATEWAY_CONFIG_FILE"
-WORKERS_ENV = "GATEWAY_WORKER_COUNT"
 
 
 def create_app(settings: Settings) -> PrivacyGateway:
@@ -163,10 +162,9 @@ def _serve_workers(config_path: str, settings: Settings, *, host: str, port: int
         print("config error: spool.enabled: false (several workers hand events off through the spool)", file=sys.stderr)
         return 2
     os.environ[CONFIG_ENV] = os.path.abspath(config_path)
-    os.environ[WORKERS_ENV] = str(workers)
     os.environ["GATEWAY_DISPATCH__MODE"] = "deliverer"
     with _shared_consent_key(settings):
-        supervisor = DelivererSupervisor(os.path.abspath(config_path), deliverer_env())
+        supervisor = DelivererSupervisor(os.path.abspath(config_path))
         supervisor.start()
         try:
             options = uvicorn_options(settings, host=host, port=port)

@@ -486,8 +486,7 @@ class Spool:
                 books.add_counts(conn, rows[0].destination, {"retried": retried})
             return max(cursor.rowcount, 0)
 
-    def delete(self, destination: str, event_ids: Iterable[str], outcome: str = "") -> int:
-        """Delete settled rows; in host mode also count ``outcome`` for each deleted row, in the same commit."""
+    def delete(self, destination: str, event_ids: Iterable[str]) -> int:
         deleted = 0
         with self._transaction() as conn:
             for event_id in event_ids:
@@ -498,8 +497,6 @@ class Spool:
                 if record is not None:
                     self._count(destination, -1, -record[0])
                     deleted += 1
-            if self.host and outcome:
-                books.add_counts(conn, destination, {outcome: deleted})
         return deleted
 
     def settle(self, destination: str, outcomes: Mapping[str, Sequence[str]]) -> int:

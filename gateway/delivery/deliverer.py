@@ -127,9 +127,8 @@ def run_deliverer(settings: Settings) -> int:
 class DelivererSupervisor:
     """Runs ``gateway deliver --config PATH`` as a child process and restarts it when it dies."""
 
-    def __init__(self, config_path: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: str) -> None:
         self._command = [sys.executable, "-m", "gateway", "deliver", "--config", config_path]
-        self._env = env
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -152,7 +151,7 @@ class DelivererSupervisor:
                 # Its own session: a Ctrl+C or a signal to the terminal's process group stops the workers, and the
                 # deliverer only after them (stop()), so it can still send what they wrote last.
                 self._process = subprocess.Popen(  # noqa: S603 - our own CLI
-                    self._command, env=self._env, start_new_session=True
+                    self._command, start_new_session=True
                 )
 
     def _watch(self) -> None:
@@ -192,10 +191,3 @@ class DelivererSupervisor:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=1.0)
         return code
-
-
-def deliverer_env() -> dict[str, str]:
-    """The environment for a deliverer child: ours, with deliverer mode forced on."""
-    env = dict(os.environ)
-    env["GATEWAY_DISPATCH__MODE"] = "deliverer"
-    return env

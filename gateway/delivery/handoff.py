@@ -21,7 +21,6 @@ import fcntl
 import itertools
 import logging
 import os
-import re
 import threading
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from gateway.config import Settings
+from gateway.delivery.retry import safe_reason
 from gateway.events import ERROR_REPORT, Event
 from gateway.sinks import PolicyDrop, Sink
 from gateway.spool import Spool, SpoolRow
@@ -36,12 +36,6 @@ from gateway.spool import Spool, SpoolRow
 __all__ = ["Handoff"]
 
 log = logging.getLogger("gateway.handoff")
-
-_REASON_UNSAFE = re.compile(r"[^\w .:;,/()+=-]+")
-
-
-def _reason(text: str) -> str:
-    return _REASON_UNSAFE.sub("_", text).strip()[:120] or "unknown"
 
 
 class Handoff:
@@ -209,7 +203,7 @@ class Handoff:
                 try:
                     payload = sink.build(event)
                 except PolicyDrop as drop:
-                    key = f"dropped_policy:{_reason(drop.reason)}"
+                    key = f"dropped_policy:{safe_reason(drop.reason)}"
                     lane[key] = lane.get(key, 0) + 1
                     continue
                 except Exception as exc:
