@@ -17,7 +17,11 @@ memory maps) to run the build it is labelled with.
 
 The realistic row (issue 17): a Django site rendering a ~10 KB page from a template (``django``, its own reference)
 and the same site inside ``PrivacyGateway`` with no destinations (``django-gateway``, and ``-compiled``): the share
-of a real app's CPU that the gateway takes.
+of a real app's CPU that the gateway takes. A Django worker runs its sync view in a thread beside the event loop;
+left to the scheduler, the two threads wander between the two cores and the same page measured 130-230 req/s from
+one second to the next. So these servers are pinned to one core and wrk to the other, wrk keeps one request in
+flight (the page's own cost, no queue), and many short rounds alternate the configurations: the figure is the
+median of each round's ratio to the bare page (:func:`paired_ratio`).
 
     python -m benchmarks.macro [--duration 10] [--runs 5] [--compiled [--compiled-dir DIR]]
 """
@@ -69,6 +73,7 @@ __all__ = [
     "ensure_tools",
     "free_port",
     "interleave",
+    "paired_ratio",
     "run_middleware",
     "start_nginx",
     "start_process",
@@ -79,6 +84,24 @@ REPO: Final = Path(__file__).resolve().parents[1]
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 WRK_CONNECTIONS: Final = 64
 WRK_THREADS: Final = 1
+# The Django rows: server on one core, wrk on the other (when both exist and `taskset` is there), one connection,
+# many short rounds (see the module docstring).
+SERVER_CPU: Final = "1"
+CLIENT_CPU: Final = "0"
+DJANGO_CONNECTIONS: Final = 1
+DJANGO_ROUNDS: Final = 15
+DJANGO_SECONDS: Final = 2.0
+
+
+def pinning_available() -> bool:
+    return shutil.which("taskset") is not None and len(os.sched_getaffinity(0)) >= 2
+
+
+def pinned(command: Sequence[str], cpu: str | None) -> list[str]:
+    """``command`` run on one core (``taskset -c``), or as it is when ``cpu`` is None."""
+    return ["taskset", "-c", cpu, *command] if cpu is not None else list(command)
+
+
 # The paced latency runs send at this fraction of the slowest compared configuration's wrk throughput (rounded down
 # to a hundred), the same rate to every configuration: below every one's saturation, so latency there is the cost
 # of a request, not the length of wrk's queue.
@@ -289,13 +312,14 @@ def start_uvicorn(
     env: Mapping[str, str] | None = None,
     ready_path: str = "/",
     cwd: Path = REPO,
+    cpu: str | None = None,
 ) -> Service:
     port = free_port()
     command = [
         sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1", "--port", str(port),
         "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
     ]  # fmt: skip
-    return start_process(name, command, port, directory, env=env, ready_path=ready_path, cwd=cwd)
+    return start_process(name, pinned(command, cpu), port, directory, env=env, ready_path=ready_path, cwd=cwd)
 
 
 def start_nginx(name: str, nginx: str, directory: Path, server_block: str, *, ready_path: str = "/") -> Service:
@@ -401,12 +425,21 @@ def _run_client(what: str, command: Sequence[str], measured: Sequence[Service], 
     return _ClientRun(output, wall, usage.ru_utime + usage.ru_stime, {k: after[k] - before[k] for k in after})
 
 
-def run_wrk(wrk: str, url: str, script: Path, seconds: float, measured: Sequence[Service]) -> RunResult:
+def run_wrk(
+    wrk: str,
+    url: str,
+    script: Path,
+    seconds: float,
+    measured: Sequence[Service],
+    *,
+    connections: int = WRK_CONNECTIONS,
+    cpu: str | None = None,
+) -> RunResult:
     command = [
-        wrk, f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
+        wrk, f"-t{WRK_THREADS}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script),
         url,
     ]  # fmt: skip
-    run = _run_client("wrk", command, measured)
+    run = _run_client("wrk", pinned(command, cpu), measured)
     rps, p50, p99, total, errors = parse_wrk(run.output)
     return RunResult(rps, p50, p99, total, errors, run.seconds, run.client_cpu_s, run.cpu_s)
 
@@ -472,6 +505,8 @@ class Config:
     before_run: Callable[[], None] | None = None  # called right before each run (e.g. to read counters)
     after_run: Callable[[], Mapping[str, float]] | None = None  # extra counters read after each run
     headers: tuple[tuple[str, str], ...] = ()  # the request headers of the wrk script, for the paced client
+    connections: int = WRK_CONNECTIONS
+    client_cpu: str | None = None  # wrk pinned to this core (the server is pinned to another)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -573,7 +608,10 @@ def interleave(
     for config in configs:
         if config.before_run is not None:
             config.before_run()
-        run_wrk(wrk, config.url, config.script, warmup, config.measured)
+        run_wrk(
+            wrk, config.url, config.script, warmup, config.measured,
+            connections=config.connections, cpu=config.client_cpu,
+        )  # fmt: skip
         if config.after_run is not None:
             config.after_run()
     results: dict[str, list[RunResult]] = {c.name: [] for c in configs}
@@ -583,7 +621,10 @@ def interleave(
         for config in [*configs[shift:], *configs[:shift]]:
             if config.before_run is not None:
                 config.before_run()
-            result = run_wrk(wrk, config.url, config.script, seconds, config.measured)
+            result = run_wrk(
+                wrk, config.url, config.script, seconds, config.measured,
+                connections=config.connections, cpu=config.client_cpu,
+            )  # fmt: skip
             results[config.name].append(result)
             if config.after_run is not None:
                 extras[config.name].append(config.after_run())
@@ -599,6 +640,13 @@ def interleave(
         c.name: Summary(c.name, c.label, c.measured[0].name, tuple(results[c.name]), tuple(extras[c.name]))
         for c in configs
     }
+
+
+def paired_ratio(reference: Summary, other: Summary) -> float:
+    """Median over rounds of ``other``'s throughput / ``reference``'s in the same round (interleaved runs)."""
+    return statistics.median(
+        o.requests_per_s / r.requests_per_s for r, o in zip(reference.runs, other.runs, strict=True)
+    )
 
 
 def paced_rounds(
@@ -791,11 +839,18 @@ def run_middleware(
             ]
         reference_script = next(s.script for s in servers_wanted if s.script is not None)
         servers: dict[str, Service] = {}
+        pin = pinning_available()
         for wanted in servers_wanted:
             settings_file = wanted.config or wanted.settings_file
             env = {CONFIG_ENV: str(settings_file)} if settings_file else {}
             service = start_uvicorn(
-                wanted.name, wanted.factory, directory, env=env, ready_path=PAGE_PATH, cwd=wanted.cwd
+                wanted.name,
+                wanted.factory,
+                directory,
+                env=env,
+                ready_path=PAGE_PATH,
+                cwd=wanted.cwd,
+                cpu=SERVER_CPU if pin and wanted.name.startswith("django") else None,
             )
             services.append(service)
             servers[wanted.name] = service
@@ -839,6 +894,7 @@ def run_middleware(
         configs = []
         for wanted in servers_wanted:
             before, after = delivered_counter() if wanted.delivering else (None, None)
+            django_row = wanted.name.startswith("django")
             configs.append(
                 Config(
                     wanted.name,
@@ -852,22 +908,23 @@ def run_middleware(
                         *REQUEST_HEADERS,
                         ("Cookie", cookie_header(load(wanted.config)) if wanted.config else cookie),
                     ),
+                    connections=DJANGO_CONNECTIONS if django_row else WRK_CONNECTIONS,
+                    client_cpu=CLIENT_CPU if pin and django_row else None,
                 )
             )
-        results = interleave(wrk, configs, runs=runs, seconds=seconds, warmup=warmup, progress=progress)
-        # A Django page costs milliseconds: the Django configurations get a paced rate of their own, so they do not
-        # drag the Starlette ones' rate down (and the CPU each spends per page below saturation is their figure:
-        # saturated, a Django worker's throughput measures GIL contention between its loop and its view thread).
+        # A Django page costs milliseconds: the Django configurations are measured on their own (one core, one
+        # request in flight, many short rounds: see the module docstring), so they neither drag the Starlette ones'
+        # paced rate down nor measure the scheduler.
         django = [c for c in configs if c.name.startswith("django")]
         others = [c for c in configs if not c.name.startswith("django")]
-        slowest = min(
-            results[s.name].rps for s in servers_wanted if s.config is not None and not s.name.startswith("django")
-        )
+        results = interleave(wrk, others, runs=runs, seconds=seconds, warmup=warmup, progress=progress)
+        if django:
+            results |= interleave(
+                wrk, django, runs=DJANGO_ROUNDS, seconds=DJANGO_SECONDS, warmup=warmup, progress=progress
+            )
+        slowest = min(results[c.name].rps for c in others if c.name.startswith("gateway"))
         rate = max(100.0, PACED_FRACTION * slowest // 100 * 100)
         paced = paced_rounds(others, rate, runs=runs, seconds=paced_seconds(seconds), progress=progress)
-        if django:
-            django_rate = max(10.0, PACED_FRACTION * min(results[c.name].rps for c in django) // 10 * 10)
-            paced |= paced_rounds(django, django_rate, runs=runs, seconds=paced_seconds(seconds), progress=progress)
         for name, values in paced.items():
             results[name] = dataclasses.replace(results[name], paced=values)
         for wanted in servers_wanted:
@@ -903,6 +960,13 @@ def main() -> None:
         return
     reference = results["starlette"]
     for summary in results.values():
+        if summary.name.startswith("django"):  # its own reference, paired rounds (see the module docstring)
+            django = results["django"]
+            print(
+                f"{summary.name:<25} {summary.rps:9.0f} req/s ({paired_ratio(django, summary):5.3f} of bare Django, "
+                f"paired)  CPU {summary.cpu_us_per_request(summary.server):,.0f} µs/page"
+            )
+            continue
         print(
             f"{summary.name:<25} {summary.rps:9.0f} req/s ({summary.rps / reference.rps:5.2f})  "
             f"p50 {summary.p50_ms:6.2f} ms  p99 {summary.p99_ms:6.2f} ms ({summary.p99_ms / reference.p99_ms:5.2f}x)  "
