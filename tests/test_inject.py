@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.banner.inject import HOLD_LIMIT, wrap_send
+from gateway.banner.inject import HOLD_LIMIT, _rewrite_start, _rewrite_start_uncached, wrap_send
 from tests.servers import free_port
 
 SNIPPET = b"<!--pg-snippet-->"
@@ -449,3 +449,46 @@ async def test_headers_given_as_a_one_shot_iterable() -> None:
     first = {"type": "http.response.start", "status": 200, "headers": iter([(b"content-type", b"text/html")])}
     sent = await run([first, body(PAGE)])
     assert header(sent, b"content-type") == [b"text/html"] and body_of(sent) == INJECTED
+
+
+# ------------------------------------------------------------------------------------ the rewritten-start cache
+
+_NAMES = [b"content-type", b"content-length", b"vary", b"etag", b"cache-control", b"Content-Type", b"x-other"]
+_VALUES = [b"text/html", b"text/plain", b"12", b"x1", b"cookie", b"no-transform", b"public"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=5),
+    status=st.sampled_from([200, 204, 302, 404]),
+    added=st.integers(min_value=0, max_value=3),
+    vary=st.sampled_from([(), (b"cookie",), (b"cookie", b"accept-language")]),
+)
+def test_cached_rewrite_equals_the_uncached_one(
+    headers: list[tuple[bytes, bytes]], status: int, added: int, vary: tuple[bytes, ...]
+) -> None:
+    message = {"type": "http.response.start", "status": status, "headers": headers}
+    expected = _rewrite_start_uncached(dict(message), added, vary)
+    for _ in range(2):  # the first call fills the cache, the second is answered from it
+        assert _rewrite_start(message, added, vary) == expected
+    assert message["headers"] is headers  # never modified in place
+
+
+@pytest.mark.anyio
+async def test_a_cached_rewrite_is_a_fresh_list_each_time() -> None:
+    # Whoever the rewritten start goes to may change its header list; the next response must not see that.
+    length = (b"content-length", str(len(PAGE)).encode())
+    for _ in range(2):  # the first fills the cache, the second is answered from it
+        sent = await run([start(length), body(PAGE)])
+        sent[0]["headers"].append((b"x-added-downstream", b"1"))
+    sent = await run([start(length), body(PAGE)])
+    assert header(sent, b"x-added-downstream") == []
+    assert header(sent, b"content-length") == [str(len(PAGE) + len(SNIPPET)).encode()]
+
+
+@pytest.mark.anyio
+async def test_unhashable_headers_are_rewritten_without_the_cache() -> None:
+    message = {"type": "http.response.start", "status": 200, "headers": [[b"content-type", b"text/html"]]}
+    for _ in range(2):
+        sent = await run([message, body(PAGE)])
+        assert body_of(sent) == INJECTED

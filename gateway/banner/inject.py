@@ -34,6 +34,7 @@ from urllib.parse import quote
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.banner.texts import BannerTexts, LanguageChooser, resolve_texts
+from gateway.caches import remember
 from gateway.config import Settings
 from gateway.cookies import OwnedCookies
 from gateway.pageview import is_html_type
@@ -536,7 +537,8 @@ class BannerInjector:
         # The last chunk: nothing more to hold, so splice the snippet in with a single copy.
         self._held, self._anchored = b"", False
         if last >= 0 and size - last <= HOLD_LIMIT:
-            return b"".join((data[:last], self._snippet, data[last:]))
+            view = memoryview(data)  # slices of a view are not copies: the page is copied once, into the result
+            return b"".join((view[:last], self._snippet, view[last:]))
         return data + self._snippet
 
 
@@ -590,11 +592,40 @@ def _merge_vary(values: Sequence[bytes], wanted: Iterable[bytes]) -> bytes | Non
     return b", ".join(tokens + missing)
 
 
+# Response starts seen before -> their rewritten header list (None: not injectable). An app sends the same few header
+# sets again and again (a page's type and length), so most responses cost one lookup here instead of a walk over
+# their headers. Bounded: responses with ever-changing headers (dates, ETags, per-request cookies) just miss.
+_REWRITE_CACHE_SIZE: Final = 512
+_rewritten_headers: dict[tuple[object, ...], list[tuple[bytes, bytes]] | None] = {}
+
+
 def _rewrite_start(message: Message, added: int, vary: tuple[bytes, ...]) -> Message | None:
     """The start message with fixed-up headers when the response is to be injected, else None.
 
     Anything unexpected (odd types, malformed headers) leaves the response alone: every exception means None.
     """
+    headers = message.get("headers", ())
+    if type(headers) is list or type(headers) is tuple:
+        try:
+            key: tuple[object, ...] | None = (message.get("type"), message.get("status"), added, vary, *headers)
+            cached = _rewritten_headers.get(key)  # type: ignore[arg-type]  # unhashable headers: TypeError
+        except TypeError:
+            key = cached = None
+        if cached is not None:
+            rewritten: dict[str, Any] = dict(message)
+            rewritten["headers"] = list(cached)  # a copy: whoever sends it on may change its list
+            return rewritten
+        if key is not None and key in _rewritten_headers:
+            return None
+    else:
+        key = None
+    result = _rewrite_start_uncached(message, added, vary)
+    if key is not None:
+        remember(_rewritten_headers, key, None if result is None else list(result["headers"]), _REWRITE_CACHE_SIZE)
+    return result
+
+
+def _rewrite_start_uncached(message: Message, added: int, vary: tuple[bytes, ...]) -> Message | None:
     try:
         if message.get("type") != "http.response.start" or not added:
             return None
