@@ -31,7 +31,7 @@ from gateway.events import Event
 from gateway.sinks import Outcome, Payload, PolicyDrop, Verdict
 from gateway.spool import Spool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is in tests/delivery/)
 START = 1_000_000.0
 
 # ---------------------------------------------------------------------------------------------------------------
