@@ -66,6 +66,12 @@ SCHEMA_VERSION: Final = 1
 MAX_AGE_DAYS_LIMIT: Final = 395
 # Verified tokens kept in memory; a hit skips the HMAC and JSON work (expiry is still checked on every hit).
 TOKEN_CACHE_SIZE: Final = 4096
+# Whole Cookie header values -> what they decide (see ConsentManager.decide_cookies). A visitor's browser sends the
+# same header on every request until one of the site's cookies changes, so this skips finding and parsing our cookie
+# in it. Longer headers (many or large cookies) are not worth the memory: they take the parsing path. The values
+# (the site's other cookies too) stay in this process's memory only, like the request they came with: bounded by
+# ConsentManager's token cache size, never logged, never written anywhere.
+HEADER_CACHE_BYTES: Final = 1024
 DEMO_KEY_WARNING: Final = (
     "consent.secret_keys is empty: signing consent cookies with a random per-process key; "
     "every restart (and every other worker) will ask visitors for consent again"
@@ -233,6 +239,8 @@ class ConsentManager:
         self._name_eq = consent.cookie.encode("latin-1") + b"="
         self._cookie_attributes = f"; Max-Age={self.max_age}; Path=/; Secure; HttpOnly; SameSite=Lax"
         self._cache: dict[bytes, _CacheEntry] = {}
+        # Cookie header value -> its verified token's entry, or None when it holds no single valid token of ours.
+        self._by_header: dict[bytes, _CacheEntry | None] = {}
         self._no_choice = ConsentDecision(None, frozenset(), False)
 
     # ---------------------------------------------------------------------------------------------- hot path
@@ -251,13 +259,40 @@ class ConsentManager:
         return self.decide_cookies(cookies, gpc, dnt)
 
     def decide_cookies(
-        self, cookies: Iterable[bytes], gpc: bool, dnt: bool, now: float | None = None
+        self, cookies: Sequence[bytes], gpc: bool, dnt: bool, now: float | None = None
     ) -> ConsentDecision:
         """:meth:`decide` for a caller that has read the request headers already (the middleware, in one pass).
 
         ``cookies``: the values of every Cookie header, in order; ``gpc``/``dnt``: whether any Sec-GPC/DNT header
         said :func:`sec_gpc_is_on`/:func:`dnt_is_on`; ``now``: ``time.time()`` if the caller has it at hand.
         """
+        now_ = time.time() if now is None else now
+        if len(cookies) == 1:  # one Cookie header (HTTP/1.1 always; HTTP/2 may split it): try the header cache
+            header = cookies[0]
+            if type(header) is bytes and len(header) <= HEADER_CACHE_BYTES:
+                try:
+                    cached = self._by_header[header]
+                except KeyError:
+                    pass
+                else:
+                    if cached is not None and cached.expires_at >= now_:
+                        return cached.decisions[2 * gpc + dnt]
+                    if cached is None:
+                        return self._no_choice if not gpc and not dnt else ConsentDecision(None, frozenset(), gpc, dnt)
+                    del self._by_header[header]  # expired: decided afresh below (and no longer valid)
+                entry = self._entry_for(cookies, now_)
+                remember(self._by_header, header, entry, self._token_cache_size)
+                if entry is None:
+                    return self._no_choice if not gpc and not dnt else ConsentDecision(None, frozenset(), gpc, dnt)
+                return entry.decisions[2 * gpc + dnt]
+        entry = self._entry_for(cookies, now_)
+        if entry is None:
+            return self._no_choice if not gpc and not dnt else ConsentDecision(None, frozenset(), gpc, dnt)
+        return entry.decisions[2 * gpc + dnt]
+
+    def _entry_for(self, cookies: Iterable[bytes], now: float) -> _CacheEntry | None:
+        """The verified, unexpired entry of the one consent token in ``cookies``; None if there is none (no cookie,
+        two of them, or one that does not verify)."""
         name_eq = self._name_eq
         token: bytes | None = None
         duplicated = False
@@ -274,19 +309,14 @@ class ConsentManager:
         if token is None or duplicated:
             # Two cookies with our name (cookie tossing from a sibling domain, or a stale path): nobody can tell
             # which one the visitor set, so neither counts.
-            if not gpc and not dnt:
-                return self._no_choice
-            return ConsentDecision(None, frozenset(), gpc, dnt)
-
+            return None
         entry = self._cache.get(token)
         if entry is None:
             entry = self._verify(token)
-        elif entry.expires_at < (time.time() if now is None else now):
+        if entry is not None and entry.expires_at < now:
             self._cache.pop(token, None)
             entry = None
-        if entry is None:
-            return ConsentDecision(None, frozenset(), gpc, dnt)
-        return entry.decisions[2 * gpc + dnt]
+        return entry
 
     def _find_cookie(self, header: bytes, start: int | None = None) -> tuple[bytes | None, bool]:
         """Our cookie's last value in one Cookie header and whether it occurs more than once.

@@ -12,13 +12,20 @@ from typing import Any
 
 import pytest
 import time_machine
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from itsdangerous import URLSafeTimedSerializer
 
 from gateway.banner import texts as banner_texts
 from gateway.config import Settings, load_settings
-from gateway.consent import COOKIE_SALT, ConsentChoice, ConsentDecision, ConsentManager, compute_revision
+from gateway.consent import (
+    COOKIE_SALT,
+    HEADER_CACHE_BYTES,
+    ConsentChoice,
+    ConsentDecision,
+    ConsentManager,
+    compute_revision,
+)
 
 KEY_OLD = "old-key-0123456789abcdef0123456789abcdef"
 KEY_NEW = "new-key-fedcba9876543210fedcba9876543210"
@@ -258,7 +265,8 @@ def test_cookie_syntax_variants_are_found(manager: ConsentManager, template: str
     assert manager.decide([(b"cookie", template.format(name=COOKIE, token=token).encode())]).choice is not None
 
 
-_SHARED_MANAGER = ConsentManager(make_settings())
+_SHARED_MANAGER_SETTINGS = make_settings()
+_SHARED_MANAGER = ConsentManager(_SHARED_MANAGER_SETTINGS)
 _SHARED_TOKEN = _SHARED_MANAGER.dumps(_SHARED_MANAGER.make_choice({"analytics": True}, gpc=False)).encode()
 
 
@@ -328,6 +336,46 @@ def test_token_cache_stays_bounded() -> None:
         assert len(manager._cache) <= 8
     assert tokens[-1].encode() in manager._cache and tokens[0].encode() not in manager._cache
     assert manager.decide(cookie_headers(tokens[0])).choice is not None  # evicted tokens still verify
+
+
+def test_header_cache_stays_bounded_and_skips_long_headers() -> None:
+    manager = ConsentManager(make_settings(), token_cache_size=8)
+    token = manager.dumps(manager.make_choice({"analytics": True}, gpc=False))
+    for index in range(20):
+        (header,) = cookie_headers(token)
+        header = (b"cookie", header[1] + f"; n={index}".encode())
+        assert manager.decide([header]).granted == {"analytics"}
+        assert len(manager._by_header) <= 8
+    long_header = (b"cookie", cookie_headers(token)[0][1] + b"; pad=" + b"x" * HEADER_CACHE_BYTES)
+    for _ in range(2):
+        assert manager.decide([long_header]).granted == {"analytics"}
+    assert long_header[1] not in manager._by_header
+
+
+_COOKIE_PARTS = st.sampled_from(
+    [
+        f"{COOKIE}={_SHARED_TOKEN.decode()}",
+        f"{COOKIE}={_SHARED_TOKEN.decode()[:-3]}abc",  # a broken signature
+        f"{COOKIE}=",
+        f"x{COOKIE}={_SHARED_TOKEN.decode()}",  # a lookalike name
+        "theme=dark",
+        "sessionid=abc123",
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(headers=st.lists(st.lists(_COOKIE_PARTS, max_size=3).map("; ".join), min_size=0, max_size=2))
+@example(headers=[f"{COOKIE}={_SHARED_TOKEN.decode()}"])
+@example(headers=[f"theme=dark; {COOKIE}={_SHARED_TOKEN.decode()}; {COOKIE}={_SHARED_TOKEN.decode()}"])
+def test_cached_decisions_equal_fresh_ones(headers: list[str]) -> None:
+    """Whatever the Cookie headers and Sec-GPC/DNT, a manager that has seen them decides as a fresh one does."""
+    cookies = [value.encode("latin-1") for value in headers]
+    warm = ConsentManager(_SHARED_MANAGER_SETTINGS)
+    signals = [(False, False), (False, True), (True, False), (True, True)]
+    for gpc, dnt in signals * 2:  # each combination twice: from the cache the second time
+        fresh = ConsentManager(_SHARED_MANAGER_SETTINGS).decide_cookies(cookies, gpc, dnt)
+        assert warm.decide_cookies(cookies, gpc, dnt) == fresh
 
 
 # ------------------------------------------------------------------------------------------------ rotation
