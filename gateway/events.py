@@ -12,11 +12,18 @@ import time
 from collections.abc import Mapping
 from typing import Literal
 
-__all__ = ["ERROR_REPORT", "PAGEVIEW", "Event"]
+__all__ = ["ERROR_REPORT", "PAGEVIEW", "Event", "PageRequest"]
 
 PAGEVIEW = "pageview"
 # A browser's Sentry envelope from the tunnel, raw in props["envelope"]: only sentry destinations take it.
 ERROR_REPORT = "sentry_envelope"
+
+
+# What a server page view's URL is made of, as the middleware read it: scheme, the first Host header (None when
+# absent), raw path, path (None when the raw path is usable), query string and server address, all from the ASGI
+# scope. Kept on the event until gateway.pageview.complete_pageview works out the URL, off the request path. As few
+# objects as possible: a hung destination's backlog holds one per queued event until it is spooled.
+PageRequest = tuple[object, bytes | None, object, object, object, object]
 
 
 @dataclasses.dataclass(slots=True)
@@ -36,6 +43,9 @@ class Event:
     source: Literal["server", "beacon"] = "server"
     timestamp: float = dataclasses.field(default_factory=time.time)
     event_id: str = ""  # assigned by the dispatcher
+    # Set by the middleware instead of url ("" until then): gateway.pageview.complete_pageview fills it in when a
+    # destination's policy first reads the event (gateway.policy.Policy.apply).
+    request: PageRequest | None = None
 
     @classmethod
     def server_pageview(
@@ -59,14 +69,38 @@ class Event:
         """
         return cls(
             PAGEVIEW, url, referrer, "", language, user_agent, country, ip, granted, gpc, client_id, {}, "server",
-            timestamp, "",
+            timestamp, "", None,
+        )  # fmt: skip
+
+    @classmethod
+    def deferred_pageview(
+        cls,
+        request: PageRequest,
+        referrer: str,
+        language: str,
+        user_agent: str,
+        country: str,
+        ip: str,
+        granted: frozenset[str],
+        gpc: bool,
+        client_id: str,
+        timestamp: float,
+    ) -> Event:
+        """:meth:`server_pageview` with the url still to be worked out from ``request``.
+
+        The middleware's form: the URL costs about as much as the rest of the event, and nobody needs it before a
+        destination does (with no destination, never).
+        """
+        return cls(
+            PAGEVIEW, "", referrer, "", language, user_agent, country, ip, granted, gpc, client_id, {}, "server",
+            timestamp, "", request,
         )  # fmt: skip
 
 
 # Event.server_pageview passes every field by position; fail at import, not with silently shifted values.
 _POSITIONAL_ORDER = (
     "name", "url", "referrer", "title", "language", "user_agent", "country", "ip", "granted", "gpc", "client_id",
-    "props", "source", "timestamp", "event_id",
+    "props", "source", "timestamp", "event_id", "request",
 )  # fmt: skip
 if tuple(field.name for field in dataclasses.fields(Event)) != _POSITIONAL_ORDER:  # pragma: no cover
     raise RuntimeError("gateway.events: Event's fields changed; update Event.server_pageview to match")

@@ -44,7 +44,7 @@ from gateway.pageview import (
     PageviewDetector,
     TitleSniffer,
     is_prefetch,
-    page_url_for_host,
+    page_request,
     primary_language_of,
     quick_title,
 )
@@ -296,8 +296,10 @@ class PrivacyGateway:
         set_cookie: bytes | None = None
         if not client_id and self._needs_client_id(granted):
             client_id, set_cookie = self._client_ids.new()
-        event = Event.server_pageview(
-            page_url_for_host(scope, host),
+        # The URL is worked out off the request path, when a destination's policy first reads the event
+        # (gateway.pageview.complete_pageview): here only the few scope values it comes from are kept.
+        event = Event.deferred_pageview(
+            page_request(scope, host),
             referer.decode("latin-1") if referer else "",
             primary_language_of(accept_language) if accept_language else "",
             user_agent_text,

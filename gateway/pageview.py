@@ -28,6 +28,7 @@ from starlette.types import Scope
 
 from gateway.caches import remember
 from gateway.config import Settings
+from gateway.events import Event, PageRequest
 
 __all__ = [
     "MAX_USER_AGENT_CHARS",
@@ -566,25 +567,47 @@ def page_url_for_host(scope: Scope, host_header: bytes | None) -> str:
 
     For callers that have read the headers already (the middleware reads all it needs in one pass).
     """
-    scheme = scope.get("scheme")
-    if scheme != "https" and scheme != "http":
-        scheme = "http"
+    return _page_url(
+        scope.get("scheme"), host_header, scope.get("raw_path"), scope.get("path"), scope.get("query_string"),
+        scope.get("server"),
+    )  # fmt: skip
+
+
+def _page_url(
+    scheme: object, host_header: bytes | None, raw_path: object, path: object, query: object, server: object
+) -> str:
+    """:func:`page_url_for_host` from the scope's values (a deferred page view keeps just these)."""
+    scheme_name = scheme if scheme == "https" else "http"
     # The cached "scheme://host" of a Host header seen before, else work it out (and maybe cache it).
-    prefix = _url_prefixes[scheme].get(host_header) if type(host_header) is bytes else None
+    prefix = _url_prefixes[scheme_name].get(host_header) if type(host_header) is bytes else None
     if prefix is None:
-        prefix = _url_prefix(scope, scheme, host_header)
-    raw_path = scope.get("raw_path")
+        prefix = _url_prefix({"scheme": scheme_name, "server": server}, scheme_name, host_header)
     if isinstance(raw_path, bytes) and raw_path.startswith(b"/"):
         # Fast path (every page view): already-encoded ASCII that quote() would return unchanged.
         unchanged = not raw_path.translate(None, _PATH_UNCHANGED)
-        path = raw_path.decode("ascii") if unchanged else quote(raw_path, safe=_PATH_SAFE)
+        text_path = raw_path.decode("ascii") if unchanged else quote(raw_path, safe=_PATH_SAFE)
     else:
-        path = quote(str(scope.get("path") or "/"), safe=_PATH_SAFE)
-        if not path.startswith("/"):
-            path = "/" + path
-    query = scope.get("query_string") or b""
-    if query:
+        text_path = quote(str(path or "/"), safe=_PATH_SAFE)
+        if not text_path.startswith("/"):
+            text_path = "/" + text_path
+    if query and isinstance(query, bytes):
         unchanged = not query.translate(None, _QUERY_UNCHANGED)
         query_text = query.decode("ascii") if unchanged else quote(query, safe=_QUERY_SAFE)
-        return f"{prefix}{path}?{query_text}"
-    return prefix + path
+        return f"{prefix}{text_path}?{query_text}"
+    return prefix + text_path
+
+
+def page_request(scope: Scope, host_header: bytes | None) -> PageRequest:
+    """What :func:`page_url_for_host` reads, for :meth:`Event.deferred_pageview` (the path only when needed)."""
+    raw_path = scope.get("raw_path")
+    usable = isinstance(raw_path, bytes) and raw_path.startswith(b"/")
+    path = None if usable else scope.get("path")
+    return (scope.get("scheme"), host_header, raw_path, path, scope.get("query_string"), scope.get("server"))
+
+
+def complete_pageview(event: Event) -> None:
+    """Fill in a deferred page view's url (:meth:`Event.deferred_pageview`); idempotent."""
+    request = event.request
+    if request is not None:
+        event.request = None
+        event.url = _page_url(*request)

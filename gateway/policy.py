@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, quote, unquote, unquote_plus, urlsplit, urlu
 
 from gateway.config import DestinationSettings, Settings
 from gateway.events import Event
+from gateway.pageview import complete_pageview
 from gateway.sinks import PolicyDrop
 
 __all__ = [
@@ -604,6 +605,7 @@ class DestinationPolicy:
     def apply(self, event: Event) -> FilteredEvent:
         """Check consent and return the allowed, minimised fields; PolicyDrop if the event cannot be sent at all."""
         self.check_consent(event)
+        complete_pageview(event)  # a page view from the middleware: its url, referrer and language, worked out now
         page = self._page(event.url)
         if page.url is None or page.origin is None:
             raise PolicyDrop("invalid_url")

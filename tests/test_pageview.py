@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 
 import gateway.pageview as pageview
 from gateway.config import Settings, load_settings
+from gateway.events import Event
 from gateway.pageview import (
     MAX_USER_AGENT_CHARS,
     TITLE_MAX_CHARS,
     TITLE_SCAN_BYTES,
     PageviewDetector,
     TitleSniffer,
+    complete_pageview,
     is_bot,
+    page_request,
     page_url,
     primary_language,
     request_host,
@@ -478,32 +481,52 @@ def test_primary_language_never_raises(header: str) -> None:
 # ------------------------------------------------------------------------------------------------------ URLs
 
 
-@pytest.mark.parametrize(
-    ("scope", "expected"),
-    [
-        (make_scope("/downloads/"), "https://www.python.org/downloads/"),
-        (make_scope("/s", query_string=b"q=py&utm_source=x"), "https://www.python.org/s?q=py&utm_source=x"),
-        (make_scope("/caf\u00e9", raw_path=b"/caf%C3%A9"), "https://www.python.org/caf%C3%A9"),
-        (make_scope("/caf\u00e9", raw_path=b"/caf\xc3\xa9"), "https://www.python.org/caf%C3%A9"),
-        (make_scope("/a b", raw_path=None), "https://www.python.org/a%20b"),
-        (make_scope("/x", query_string=b"a=<b>"), "https://www.python.org/x?a=%3Cb%3E"),
-        (make_scope("/x", scheme="http"), "http://www.python.org/x"),
-        (make_scope("/x", scheme="weird"), "http://www.python.org/x"),
-        (make_scope("/x", headers=[]) | {"headers": [(b"host", b"Example.ORG:8443")]}, "https://example.org:8443/x"),
-        (make_scope("/x") | {"headers": [(b"host", b"www.python.org:443")]}, "https://www.python.org/x"),
-        (make_scope("/x") | {"headers": [(b"host", b"[::1]:8000")]}, "https://[::1]:8000/x"),
-        (make_scope("/x") | {"headers": [(b"host", b"evil.org/x?")]}, "https://127.0.0.1:8000/x"),
-        (make_scope("/x") | {"headers": [(b"host", b"a b")]}, "https://127.0.0.1:8000/x"),
-        (make_scope("/x") | {"headers": [(b"host", b"x:99999")]}, "https://127.0.0.1:8000/x"),
-        (make_scope("/x") | {"headers": []}, "https://127.0.0.1:8000/x"),
-        (make_scope("/x") | {"headers": [], "server": ("::1", 443)}, "https://[::1]/x"),
-        (make_scope("/x") | {"headers": [], "server": ("/run/gw.sock", None)}, "https://localhost/x"),
-        (make_scope("/x") | {"headers": [], "server": None}, "https://localhost/x"),
-        (make_scope("/x", raw_path=b"http://other/x"), "https://www.python.org/x"),
-    ],
-)
+PAGE_URLS = [
+    (make_scope("/downloads/"), "https://www.python.org/downloads/"),
+    (make_scope("/s", query_string=b"q=py&utm_source=x"), "https://www.python.org/s?q=py&utm_source=x"),
+    (make_scope("/caf\u00e9", raw_path=b"/caf%C3%A9"), "https://www.python.org/caf%C3%A9"),
+    (make_scope("/caf\u00e9", raw_path=b"/caf\xc3\xa9"), "https://www.python.org/caf%C3%A9"),
+    (make_scope("/a b", raw_path=None), "https://www.python.org/a%20b"),
+    (make_scope("/x", query_string=b"a=<b>"), "https://www.python.org/x?a=%3Cb%3E"),
+    (make_scope("/x", scheme="http"), "http://www.python.org/x"),
+    (make_scope("/x", scheme="weird"), "http://www.python.org/x"),
+    (make_scope("/x", headers=[]) | {"headers": [(b"host", b"Example.ORG:8443")]}, "https://example.org:8443/x"),
+    (make_scope("/x") | {"headers": [(b"host", b"www.python.org:443")]}, "https://www.python.org/x"),
+    (make_scope("/x") | {"headers": [(b"host", b"[::1]:8000")]}, "https://[::1]:8000/x"),
+    (make_scope("/x") | {"headers": [(b"host", b"evil.org/x?")]}, "https://127.0.0.1:8000/x"),
+    (make_scope("/x") | {"headers": [(b"host", b"a b")]}, "https://127.0.0.1:8000/x"),
+    (make_scope("/x") | {"headers": [(b"host", b"x:99999")]}, "https://127.0.0.1:8000/x"),
+    (make_scope("/x") | {"headers": []}, "https://127.0.0.1:8000/x"),
+    (make_scope("/x") | {"headers": [], "server": ("::1", 443)}, "https://[::1]/x"),
+    (make_scope("/x") | {"headers": [], "server": ("/run/gw.sock", None)}, "https://localhost/x"),
+    (make_scope("/x") | {"headers": [], "server": None}, "https://localhost/x"),
+    (make_scope("/x", raw_path=b"http://other/x"), "https://www.python.org/x"),
+]
+
+
+@pytest.mark.parametrize(("scope", "expected"), PAGE_URLS)
 def test_page_url(scope: dict[str, Any], expected: str) -> None:
     assert page_url(scope) == expected
+
+
+@pytest.mark.parametrize(("scope", "expected"), PAGE_URLS)
+def test_a_deferred_page_view_completes_to_the_url_of_the_eager_one(scope: dict[str, Any], expected: str) -> None:
+    """The middleware keeps a few scope values; the policy completes them into the same URL, once."""
+    host = next((value for name, value in scope["headers"] if name == b"host"), None)
+    event = Event.deferred_pageview(
+        page_request(scope, host), "https://ref.example/", "en-gb", "UA", "GB", "198.51.100.0", frozenset(), False, "",
+        1.0,
+    )  # fmt: skip
+    assert event.url == ""  # nothing worked out on the request path
+    complete_pageview(event)
+    assert (event.url, event.request, event.referrer, event.language) == (
+        expected,
+        None,
+        "https://ref.example/",
+        "en-gb",
+    )
+    complete_pageview(event)  # idempotent
+    assert event.url == expected
 
 
 def test_request_host_lowercases_and_keeps_port() -> None:
