@@ -75,6 +75,7 @@ __all__ = [
     "interleave",
     "paired_ratio",
     "run_middleware",
+    "run_stages",
     "start_nginx",
     "start_process",
     "start_uvicorn",
@@ -113,6 +114,9 @@ def paced_seconds(wrk_seconds: float) -> float:
     return max(1.0, wrk_seconds / 2)
 
 
+# A first visit's Cookie header: one of the site's own cookies, no consent or analytics id yet.
+FIRST_VISIT_COOKIE: Final = "theme=dark"
+BANNER_MARKER: Final = b'id="pg-banner"'  # in the banner's markup (gateway/banner/banner.html), not in the footer's
 # [dispatch] queue_size of the delivering gateway in middleware mode (see run_middleware).
 DELIVERING_QUEUE_SIZE: Final = 1000
 MIDDLEWARE_LABELS: Final = {
@@ -124,6 +128,8 @@ MIDDLEWARE_LABELS: Final = {
     "naive-cached": "Starlette + the issue's reference privacy middleware (cached; fewer features)",
     "gateway-compiled": "Starlette + gateway (compiled), Plausible + GA4 delivering to a local collector",
     "gateway-nodest-compiled": "Starlette + gateway (compiled), no destinations",
+    "gateway-first": "Starlette + gateway, no destinations, first visit (no choice yet: the banner is injected)",
+    "gateway-first-compiled": "Starlette + gateway (compiled), no destinations, first visit (banner injected)",
     "django": "Django app, bare (a template rendering a ~10 KB page)",
     "django-gateway": "Django app + gateway, no destinations",
     "django-gateway-compiled": "Django app + gateway (compiled), no destinations",
@@ -745,11 +751,14 @@ def _wait_drained(collector: Service, quiet: float = 0.5, timeout: float = 60.0)
     return time.monotonic() - started - quiet
 
 
-def _check_page(url: str, cookie: str, *, must_contain: Sequence[bytes]) -> None:
+def _check_page(
+    url: str, cookie: str, *, must_contain: Sequence[bytes], must_not_contain: Sequence[bytes] = ()
+) -> None:
     status, body = fetch(url, {**dict(REQUEST_HEADERS), "Cookie": cookie})
     missing = [m for m in must_contain if m not in body]
-    if status != 200 or missing:
-        raise RuntimeError(f"{url}: sanity check failed: HTTP {status}, missing {missing}")
+    unwanted = [m for m in must_not_contain if m in body]
+    if status != 200 or missing or unwanted:
+        raise RuntimeError(f"{url}: sanity check failed: HTTP {status}, missing {missing}, unwanted {unwanted}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -764,6 +773,7 @@ class _Server:
     cwd: Path = REPO
     delivering: bool = False
     settings_file: Path | None = None  # a settings file for a non-gateway app (the reference middleware)
+    cookie: str | None = None  # the Cookie header its requests send; None: a returning visitor's (cookie_header)
 
 
 def run_middleware(
@@ -791,7 +801,9 @@ def run_middleware(
         collector = start_uvicorn("collector", "benchmarks.apps:collector_app", directory, ready_path="/_count")
         services.append(collector)
 
-        def gateway_server(name: str, delivering: bool, build: BuildKind, cwd: Path) -> _Server:
+        def gateway_server(
+            name: str, delivering: bool, build: BuildKind, cwd: Path, *, first_visit: bool = False
+        ) -> _Server:
             sub = directory / name
             sub.mkdir()
             # Delivering: every request is a page view, two events each, far more than one worker can deliver.
@@ -806,17 +818,29 @@ def run_middleware(
             )
             config_path = sub / "gateway.toml"
             config_path.write_text(to_toml(table), encoding="utf-8")
-            script = write_wrk_script(sub / "wrk.lua", cookie_header(load(config_path)))
+            # A first visit: no consent or analytics-id cookie yet (only one of the site's own), so the banner opens.
+            cookie = FIRST_VISIT_COOKIE if first_visit else cookie_header(load(config_path))
+            script = write_wrk_script(sub / "wrk.lua", cookie)
             factory = (
                 "benchmarks.apps:django_gateway_app" if name.startswith("django") else "benchmarks.apps:gateway_app"
             )
-            return _Server(name, factory, config_path, script, build, cwd, delivering)
+            return _Server(
+                name,
+                factory,
+                config_path,
+                script,
+                build,
+                cwd,
+                delivering,
+                cookie=FIRST_VISIT_COOKIE if first_visit else None,
+            )
 
         servers_wanted = [
             *([_Server("raw", "benchmarks.apps:raw_app")] if include_raw else []),
             _Server("starlette", "benchmarks.apps:starlette_app"),
             gateway_server("gateway", True, PURE, REPO),
             gateway_server("gateway-nodest", False, PURE, REPO),
+            gateway_server("gateway-first", False, PURE, REPO, first_visit=True),
         ]
         if include_references:
             # Calibration: the floor of any response-watching middleware, and the issue's own reference design.
@@ -835,6 +859,7 @@ def run_middleware(
             servers_wanted += [
                 gateway_server("gateway-compiled", True, COMPILED, compiled.root),
                 gateway_server("gateway-nodest-compiled", False, COMPILED, compiled.root),
+                gateway_server("gateway-first-compiled", False, COMPILED, compiled.root, first_visit=True),
                 gateway_server("django-gateway-compiled", False, COMPILED, compiled.root),
             ]
         reference_script = next(s.script for s in servers_wanted if s.script is not None)
@@ -866,8 +891,14 @@ def run_middleware(
             else:
                 _check_page(
                     f"{servers[wanted.name].url}{target}",
-                    cookie_header(load(wanted.config)),
-                    must_contain=[b"<title>Download Python", b"/_privacy/"],
+                    wanted.cookie or cookie_header(load(wanted.config)),
+                    # A first visit gets the banner; a returning visitor only the settings link.
+                    must_contain=[
+                        b"<title>Download Python",
+                        b"/_privacy/",
+                        *([BANNER_MARKER] if wanted.cookie else []),
+                    ],
+                    must_not_contain=[] if wanted.cookie else [BANNER_MARKER],
                 )
         # The sanity requests' page views, to Plausible and to GA4, from every delivering gateway.
         _wait_delivered(collector, 2 * sum(s.delivering for s in servers_wanted))
@@ -906,7 +937,7 @@ def run_middleware(
                     after_run=after,
                     headers=(
                         *REQUEST_HEADERS,
-                        ("Cookie", cookie_header(load(wanted.config)) if wanted.config else cookie),
+                        ("Cookie", wanted.cookie or (cookie_header(load(wanted.config)) if wanted.config else cookie)),
                     ),
                     connections=DJANGO_CONNECTIONS if django_row else WRK_CONNECTIONS,
                     client_cpu=CLIENT_CPU if pin and django_row else None,
@@ -932,6 +963,76 @@ def run_middleware(
                 totals = gateway_dispatch_totals(servers[wanted.name])
                 results[wanted.name] = dataclasses.replace(results[wanted.name], totals=totals)
         return results
+
+
+# The per-stage breakdown (issue 17): the same request through the gateway with its stages switched on one at a time.
+STAGES: Final = {
+    "core": {"banner": {"enabled": False}, "analytics": {"pageviews": "off"}},
+    "banner": {"analytics": {"pageviews": "off"}},
+    "pageview": {"banner": {"enabled": False}},
+    "full": {},
+}
+STAGE_LABELS: Final = {
+    "core": "client IP (resolve, geo, truncate) + consent cookie + cookie guard",
+    "banner": "core + banner (settings link injected)",
+    "pageview": "core + page view (title, event handed off)",
+    "full": "everything (core + banner + page view)",
+}
+STAGE_ROUNDS: Final = 3
+STAGE_SECONDS: Final = 4.0
+
+
+def run_stages(
+    wrk: str,
+    *,
+    warmup: float,
+    compiled: CompiledBuild | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Summary]:
+    """Bare Starlette and the gateway (no destinations) with stages switched on one at a time, every server pinned
+    to one core and wrk to the other (as the Django rows), interleaved; ``stage-<stage>[-compiled]`` summaries."""
+    pin = pinning_available()
+    with tempfile.TemporaryDirectory(prefix="bench-stages-") as tmp, _services() as services:
+        directory = Path(tmp)
+        geo = build_geo_database(directory)
+        builds = [(PURE, REPO, "")]
+        if compiled is not None and compiled.root is not None:
+            builds.append((COMPILED, compiled.root, "-compiled"))
+        target = f"{PAGE_PATH}?{PAGE_QUERY}"
+        cpu = SERVER_CPU if pin else None
+        client_cpu = CLIENT_CPU if pin else None
+        bare = start_uvicorn("stage-bare", "benchmarks.apps:starlette_app", directory, ready_path=PAGE_PATH, cpu=cpu)
+        services.append(bare)
+        configs: list[Config] = []
+        for build, cwd, suffix in builds:
+            for stage, overrides in STAGES.items():
+                name = f"stage-{stage}{suffix}"
+                sub = directory / name
+                sub.mkdir()
+                table = gateway_settings(sub, geo, collector_url=None)
+                for section, values in overrides.items():
+                    table.setdefault(section, {}).update(values)
+                config_path = sub / "gateway.toml"
+                config_path.write_text(to_toml(table), encoding="utf-8")
+                cookie = cookie_header(load(config_path))
+                script = write_wrk_script(sub / "wrk.lua", cookie)
+                service = start_uvicorn(
+                    name, "benchmarks.apps:gateway_app", directory, env={CONFIG_ENV: str(config_path)},
+                    ready_path=PAGE_PATH, cwd=cwd, cpu=cpu,
+                )  # fmt: skip
+                services.append(service)
+                check_process(service.process.pid, build, name, cwd)
+                _check_page(f"{service.url}{target}", cookie, must_contain=[b"<title>Download Python"])
+                label = f"{STAGE_LABELS[stage]}" + (" (compiled)" if suffix else "")
+                configs.append(Config(name, label, f"{service.url}{target}", script, (service,), client_cpu=client_cpu))
+        reference_script = configs[0].script
+        configs.insert(
+            0,
+            Config(
+                "stage-bare", "bare Starlette", f"{bare.url}{target}", reference_script, (bare,), client_cpu=client_cpu
+            ),
+        )
+        return interleave(wrk, configs, runs=STAGE_ROUNDS, seconds=STAGE_SECONDS, warmup=warmup, progress=progress)
 
 
 def _stderr(text: str) -> None:
