@@ -1064,7 +1064,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "configurations measured in the same run on the same machine; absolute numbers move with the machine "
         "and the interpreter.",
         "",
-        "## Goals (GitHub issue 7)",
+        "## Goals (GitHub issues 7 and 17)",
         "",
         *goals_block,
         "",
