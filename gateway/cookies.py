@@ -103,7 +103,10 @@ class OwnedCookies:
             kept: list[Any] | None = None
             for index, header in enumerate(headers):
                 name = header[0]
-                if name != b"set-cookie" and (type(name) is not bytes or name.lower() != b"set-cookie"):
+                # ASGI names are lower case: lower (a copy) only a name that is not.
+                if name != b"set-cookie" and (
+                    type(name) is not bytes or name.islower() or name.lower() != b"set-cookie"
+                ):
                     if kept is not None:
                         kept.append(header)
                     continue

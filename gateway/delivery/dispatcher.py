@@ -212,8 +212,6 @@ class Dispatcher:
                     if lane.error_reports == error_report:
                         lane.refused += 1
                 return
-            if not event.event_id:
-                event.event_id = f"{self._id_prefix}{next(self._id_counter):x}"
             granted = event.granted
             error_report = event.name == ERROR_REPORT
             for lane in self._lanes:
@@ -224,6 +222,8 @@ class Dispatcher:
                 if requires and not requires <= granted:
                     lane.dropped_consent += 1
                     continue
+                if not event.event_id:  # only an event a lane keeps needs an id (no destination: none is made)
+                    event.event_id = f"{self._id_prefix}{next(self._id_counter):x}"
                 if len(lane.queue) < lane.queue_size:
                     lane.queue.append(event)
                     lane.enqueued += 1
