@@ -267,25 +267,19 @@ class ConsentManager:
         said :func:`sec_gpc_is_on`/:func:`dnt_is_on`; ``now``: ``time.time()`` if the caller has it at hand.
         """
         now_ = time.time() if now is None else now
-        if len(cookies) == 1:  # one Cookie header (HTTP/1.1 always; HTTP/2 may split it): try the header cache
-            header = cookies[0]
-            if type(header) is bytes and len(header) <= HEADER_CACHE_BYTES:
-                try:
-                    cached = self._by_header[header]
-                except KeyError:
-                    pass
-                else:
-                    if cached is not None and cached.expires_at >= now_:
-                        return cached.decisions[2 * gpc + dnt]
-                    if cached is None:
-                        return self._no_choice if not gpc and not dnt else ConsentDecision(None, frozenset(), gpc, dnt)
-                    del self._by_header[header]  # expired: decided afresh below (and no longer valid)
+        header = cookies[0] if len(cookies) == 1 else None  # one Cookie header (HTTP/1.1 always; HTTP/2 may split)
+        entry: _CacheEntry | None
+        if type(header) is bytes and len(header) <= HEADER_CACHE_BYTES:
+            try:
+                entry = self._by_header[header]
+            except KeyError:
                 entry = self._entry_for(cookies, now_)
                 remember(self._by_header, header, entry, self._token_cache_size)
-                if entry is None:
-                    return self._no_choice if not gpc and not dnt else ConsentDecision(None, frozenset(), gpc, dnt)
-                return entry.decisions[2 * gpc + dnt]
-        entry = self._entry_for(cookies, now_)
+            else:
+                if entry is not None and entry.expires_at < now_:
+                    entry = self._by_header[header] = self._entry_for(cookies, now_)  # expired: now no choice
+        else:
+            entry = self._entry_for(cookies, now_)
         if entry is None:
             return self._no_choice if not gpc and not dnt else ConsentDecision(None, frozenset(), gpc, dnt)
         return entry.decisions[2 * gpc + dnt]

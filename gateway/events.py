@@ -60,39 +60,19 @@ class Event:
         gpc: bool,
         client_id: str,
         timestamp: float,
+        request: PageRequest | None = None,
     ) -> Event:
         """A server-side page view (title filled in later), built for the middleware's hot path.
 
         Same as ``Event(name=PAGEVIEW, url=url, ...)`` with the other fields at their defaults, but every field is
         passed by position: keyword binding plus the two default factories make the generated ``__init__`` about
         three times slower, and this runs on every page view. Keep the order in step with the fields above.
+
+        ``request`` (the middleware, with ``url=""``): what the URL is made of, worked out only when a destination
+        needs it (the URL costs about as much as the rest of the event; with no destination it is never built).
         """
         return cls(
             PAGEVIEW, url, referrer, "", language, user_agent, country, ip, granted, gpc, client_id, {}, "server",
-            timestamp, "", None,
-        )  # fmt: skip
-
-    @classmethod
-    def deferred_pageview(
-        cls,
-        request: PageRequest,
-        referrer: str,
-        language: str,
-        user_agent: str,
-        country: str,
-        ip: str,
-        granted: frozenset[str],
-        gpc: bool,
-        client_id: str,
-        timestamp: float,
-    ) -> Event:
-        """:meth:`server_pageview` with the url still to be worked out from ``request``.
-
-        The middleware's form: the URL costs about as much as the rest of the event, and nobody needs it before a
-        destination does (with no destination, never).
-        """
-        return cls(
-            PAGEVIEW, "", referrer, "", language, user_agent, country, ip, granted, gpc, client_id, {}, "server",
             timestamp, "", request,
         )  # fmt: skip
 

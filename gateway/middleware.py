@@ -298,8 +298,8 @@ class PrivacyGateway:
             client_id, set_cookie = self._client_ids.new()
         # The URL is worked out off the request path, when a destination's policy first reads the event
         # (gateway.pageview.complete_pageview): here only the few scope values it comes from are kept.
-        event = Event.deferred_pageview(
-            page_request(scope, host),
+        event = Event.server_pageview(
+            "",
             referer.decode("latin-1") if referer else "",
             primary_language_of(accept_language) if accept_language else "",
             user_agent_text,
@@ -309,6 +309,7 @@ class PrivacyGateway:
             decision.gpc,
             client_id,
             now,
+            page_request(scope, host),
         )
         watcher = _ResponseWatcher(send, snippet, vary, event, set_cookie, self.dispatcher.submit, self._owned_cookies)
         if self._access_log is None:

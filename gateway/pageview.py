@@ -598,7 +598,7 @@ def _page_url(
 
 
 def page_request(scope: Scope, host_header: bytes | None) -> PageRequest:
-    """What :func:`page_url_for_host` reads, for :meth:`Event.deferred_pageview` (the path only when needed)."""
+    """What :func:`page_url_for_host` reads, for :meth:`Event.server_pageview`'s ``request`` (path only if needed)."""
     raw_path = scope.get("raw_path")
     usable = isinstance(raw_path, bytes) and raw_path.startswith(b"/")
     path = None if usable else scope.get("path")
@@ -606,7 +606,7 @@ def page_request(scope: Scope, host_header: bytes | None) -> PageRequest:
 
 
 def complete_pageview(event: Event) -> None:
-    """Fill in a deferred page view's url (:meth:`Event.deferred_pageview`); idempotent."""
+    """Fill in the url of a page view made with a ``request`` (:meth:`Event.server_pageview`); idempotent."""
     request = event.request
     if request is not None:
         event.request = None

@@ -513,9 +513,9 @@ def test_page_url(scope: dict[str, Any], expected: str) -> None:
 def test_a_deferred_page_view_completes_to_the_url_of_the_eager_one(scope: dict[str, Any], expected: str) -> None:
     """The middleware keeps a few scope values; the policy completes them into the same URL, once."""
     host = next((value for name, value in scope["headers"] if name == b"host"), None)
-    event = Event.deferred_pageview(
-        page_request(scope, host), "https://ref.example/", "en-gb", "UA", "GB", "198.51.100.0", frozenset(), False, "",
-        1.0,
+    event = Event.server_pageview(
+        "", "https://ref.example/", "en-gb", "UA", "GB", "198.51.100.0", frozenset(), False, "", 1.0,
+        page_request(scope, host),
     )  # fmt: skip
     assert event.url == ""  # nothing worked out on the request path
     complete_pageview(event)
