@@ -359,14 +359,15 @@ class Dispatcher:
         deadline = loop.time() + self.settings.shutdown_timeout
         for lane in self._lanes:
             lane.draining = True
+            lane.drain_deadline = deadline
             # Items leased from the spool are safe where they are; give them back instead of sending them now.
             if lane.ready:
                 self._settler.release(list(lane.ready), lane)
                 lane.ready.clear()
             lane.wake_all()
             lane.keeper_wake.set()
-        while loop.time() < deadline and not all(self._drained(lane) for lane in self._lanes):
-            await asyncio.sleep(self._tick_seconds)
+        while loop.time() < deadline and not all(self._drained(lane, loop.time()) for lane in self._lanes):
+            await asyncio.sleep(min(self._tick_seconds, deadline - loop.time()))
         for lane in self._lanes:
             lane.keeper_exit = True
             lane.keeper_wake.set()
@@ -397,11 +398,14 @@ class Dispatcher:
                 await self._bridge.run(spool.close)
         self._bridge.close()
 
-    def _drained(self, lane: Lane) -> bool:
+    def _drained(self, lane: Lane, loop_now: float) -> bool:
         if lane.memory_empty():
             return True
-        # A lane that cannot send anything before the deadline need not be waited for.
-        return lane.circuit == CIRCUIT_OPEN and not lane.inflight and not lane.spilling
+        # A lane that cannot send anything before the deadline need not be waited for: its circuit is open, or a
+        # request started now would not finish in time (gateway.delivery.lanes.Lane.too_late).
+        if lane.inflight or lane.spilling:
+            return False
+        return lane.circuit == CIRCUIT_OPEN or lane.too_late(loop_now)
 
     def _settle_cancelled_flights(self, lane: Lane, now: float) -> None:
         for flight in list(lane.inflight):

@@ -53,6 +53,9 @@ BUILD_CHUNK: Final = 256  # builds between yields to the loop when spooling a lo
 # Events built and written per spool commit when the keeper spools a backlog: memory holds one chunk of payloads.
 SPILL_CHUNK: Final = 128
 PURGE_EVERY_SECONDS: Final = 1.0
+# Recent request durations kept per lane; while draining, a request is started only if twice the slowest of them
+# still fits before the deadline.
+LATENCY_SAMPLES: Final = 8
 
 
 class Item:
@@ -141,6 +144,10 @@ class Lane:
         self.keeper_wake = asyncio.Event()
         self.keeper_exit = False
         self.draining = False
+        # Draining: the loop time by which stop() spools what is left, and how long this lane's last requests took,
+        # so a sender starts no request that would be cut off on the wire at the deadline (see too_late).
+        self.drain_deadline = math.inf
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.last_purge = -math.inf
         self.spool_version = 0  # spool-changing operations submitted
         self.summary_version = -1  # spool_version the last summary reflects
@@ -186,6 +193,12 @@ class Lane:
 
     def unhealthy(self, now: float) -> bool:
         return self.circuit != CIRCUIT_CLOSED or self.paused_until > now
+
+    def too_late(self, loop_now: float) -> bool:
+        """Draining, and a request started now would likely outlast the drain deadline: cut off on the wire it would
+        end ambiguous (the destination may or may not have it), while left alone it is spooled and sent once later.
+        With nothing measured yet there is no estimate, and the request is started."""
+        return bool(self.latencies) and loop_now + 2 * max(self.latencies) > self.drain_deadline
 
     def memory_empty(self) -> bool:
         return not (self.queue or self.overflow or self.retry or self.inflight or self.spilling)

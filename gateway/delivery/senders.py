@@ -69,6 +69,8 @@ class Senders:
                 lane.keeper_wake.set()  # lease the next rows now rather than at the next tick
 
     def take(self, lane: Lane) -> Flight | None:
+        if lane.draining and lane.too_late(asyncio.get_running_loop().time()):
+            return None  # what is left is spooled by stop()
         now = self.settle.clock()
         if lane.circuit == CIRCUIT_OPEN and now >= lane.open_until and lane.paused_until <= now:
             lane.circuit = CIRCUIT_HALF_OPEN
@@ -150,6 +152,12 @@ class Senders:
         items = [item for item in group if not self.settle.expired(lane, item, now)]
         if not items:
             return
+        loop = asyncio.get_running_loop()
+        if lane.draining and lane.too_late(loop.time()):
+            # A flight's later groups: the drain deadline came too close while the earlier ones were sent.
+            for item in items:
+                self.settle.return_item(lane, item)
+            return
         sink = lane.sink
         try:
             request = sink.request([item.payload for item in items])
@@ -173,7 +181,9 @@ class Senders:
             item.sending = True
         # On cancellation (shutdown) `sending` stays set: stop() then knows the request may have been sent.
         assert lane.send is not None
+        started = loop.time()
         response, failure, ambiguous = await call(lane.send, request, self.request_deadline)
+        lane.latencies.append(loop.time() - started)
         for item in items:
             item.sending = False
         now = self.settle.clock()
