@@ -158,19 +158,26 @@ class DelivererSupervisor:
         delay = RESTART_DELAY_MIN
         while not self._stopping.is_set():
             process = self._process
-            assert process is not None
-            started = time.monotonic()
-            code = process.wait()
-            if self._stopping.is_set():
-                return
-            if time.monotonic() - started > STABLE_SECONDS:
-                delay = RESTART_DELAY_MIN
-            log.error("deliverer exited with %s; restarting in %.0f s", code, delay)
+            if process is not None:
+                started = time.monotonic()
+                code = process.wait()
+                if self._stopping.is_set():
+                    return
+                if time.monotonic() - started > STABLE_SECONDS:
+                    delay = RESTART_DELAY_MIN
+                log.error("deliverer exited with %s; restarting in %.0f s", code, delay)
             if self._stopping.wait(delay):
                 return
             delay = min(RESTART_DELAY_MAX, delay * 2)
             self.restarts += 1
-            self._spawn()
+            try:
+                self._spawn()
+            except OSError as exc:
+                # No process now (out of memory or PIDs, the interpreter replaced): keep trying with the same
+                # backoff rather than let this thread die and leave the host without a deliverer for good.
+                with self._lock:
+                    self._process = None
+                log.error("deliverer could not be started (%s); trying again in %.0f s", exc, delay)
 
     def stop(self, timeout: float) -> int | None:
         """SIGTERM the deliverer and wait for its clean stop (SIGKILL after ``timeout``); its exit code."""

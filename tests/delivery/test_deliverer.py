@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 import sqlite3
+import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -192,3 +195,37 @@ async def test_a_failed_mark_sends_nothing_and_loses_no_settled_row(tmp_path: Pa
     row = read_host_stats(settings.spool.path, ["plausible"])["plausible"]
     assert len(collector.urls) == len(set(collector.urls)) == row["delivered"] == 30, row
     assert row["pending"] == row["spool_rows"] == 0 and balanced(row), row
+
+
+def test_supervisor_keeps_trying_when_the_deliverer_cannot_be_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deliverer dies and the next start fails (no such program, out of PIDs): the supervisor keeps trying with
+    its backoff instead of its thread dying, and runs a deliverer again once a start works."""
+    from gateway.delivery import deliverer as module
+
+    monkeypatch.setattr(module, "RESTART_DELAY_MIN", 0.05)
+    monkeypatch.setattr(module, "RESTART_DELAY_MAX", 0.1)
+    supervisor = module.DelivererSupervisor(str(tmp_path / "unused.toml"))
+    alive = tmp_path / "alive"
+    supervisor._command = [sys.executable, "-c", "import sys; sys.exit(3)"]  # starts, then dies at once
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 10
+        while supervisor.restarts < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        supervisor._command = [str(tmp_path / "no-such-program")]  # every start fails now
+        failed_from = supervisor.restarts
+        while supervisor.restarts < failed_from + 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert supervisor.restarts >= failed_from + 3, "the supervisor stopped trying"
+        assert supervisor._thread is not None and supervisor._thread.is_alive()
+        script = f"import pathlib, time; pathlib.Path({str(alive)!r}).touch(); time.sleep(60)"
+        supervisor._command = [sys.executable, "-c", script]
+        while not alive.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert alive.exists(), "no deliverer was started once starting worked again"
+        assert supervisor.pid is not None
+    finally:
+        code = supervisor.stop(timeout=5.0)
+    assert code == -signal.SIGTERM
