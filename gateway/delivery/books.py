@@ -110,6 +110,13 @@ def write_heartbeat(conn: sqlite3.Connection, pid: int, state: Mapping[str, Mapp
     )
 
 
+_DESTINATION_ROWS_SQL: Final = (
+    "SELECT (SELECT count(*) FROM payloads WHERE destination = ?1),"
+    " (SELECT count(*) FROM payloads WHERE destination = ?1 AND leased = 2),"
+    " (SELECT min(accepted_at) FROM payloads WHERE destination = ?1)"
+)
+
+
 def read_host_stats(path: str, destinations: Iterable[str]) -> dict[str, dict[str, float]]:
     """The host's books per destination, in the shape of :meth:`Dispatcher.stats`, from one read snapshot.
 
@@ -131,12 +138,15 @@ def read_host_stats(path: str, destinations: Iterable[str]) -> dict[str, dict[st
             conn.execute("BEGIN")  # one snapshot for every read below (WAL readers see a fixed state)
             for destination, counter, value in conn.execute("SELECT destination, counter, value FROM books"):
                 counters.setdefault(destination, {})[counter] = value
-            for destination, count, leased, first in conn.execute(
-                "SELECT destination, count(*), sum(leased = 2), min(accepted_at) FROM payloads GROUP BY destination"
-            ):
-                rows[destination] = count
-                in_flight[destination] = leased or 0
-                oldest[destination] = first
+            # Per destination and through the indexes (payloads_due, payloads_age), not one scan of every row: a
+            # scrape stays cheap while a destination that is down for hours lets the spool grow to its cap. Every
+            # destination with rows is in the books (a row and its "accepted" are written in one commit).
+            for destination in dict.fromkeys([*names, *counters]):
+                count, leased, first = conn.execute(_DESTINATION_ROWS_SQL, (destination,)).fetchone()
+                if count:
+                    rows[destination] = count
+                    in_flight[destination] = leased
+                    oldest[destination] = first
             record = conn.execute("SELECT heartbeat, state FROM deliverer WHERE id = 1").fetchone()
             if record is not None:
                 heartbeat = float(record[0])

@@ -229,3 +229,23 @@ def test_supervisor_keeps_trying_when_the_deliverer_cannot_be_started(
     finally:
         code = supervisor.stop(timeout=5.0)
     assert code == -signal.SIGTERM
+
+
+@pytest.mark.anyio
+async def test_host_stats_count_rows_on_the_wire_and_the_oldest_row_per_destination(tmp_path: Path) -> None:
+    settings = host_settings(tmp_path)
+    before = time.time()
+    await hand_off(settings, 10)
+    spool = Spool(settings.spool, host=True)
+    spool.open()
+    try:
+        leased = spool.lease_due("plausible", time.time() + 1, 4)
+        spool.mark_sending("plausible", [row.event_id for row in leased[:3]])
+    finally:
+        spool.close()
+    stats = read_host_stats(settings.spool.path, ["plausible"])  # ga4 is found through its books
+    plausible, ga4 = stats["plausible"], stats["ga4"]
+    assert (plausible["spool_rows"], plausible["in_flight"], plausible["pending"]) == (10, 3, 10)
+    assert 0 <= plausible["spool_oldest_age_seconds"] <= time.time() - before + 0.5
+    assert (ga4["accepted"], ga4["spool_rows"], ga4["in_flight"], ga4["spool_oldest_age_seconds"]) == (10, 0, 0, 0)
+    assert balanced(plausible) and balanced(ga4)
