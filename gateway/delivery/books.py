@@ -27,9 +27,12 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from gateway.delivery.lanes import MEM, RELEASING, SPILLING, Item, Lane
+if TYPE_CHECKING:
+    # Types only: gateway.spool imports this module for the host books, and gateway.delivery.lanes imports
+    # gateway.spool, so a runtime import here would make `import gateway.spool` circular.
+    from gateway.delivery.lanes import Item, Lane
 
 __all__ = [
     "OUTCOMES",
@@ -229,6 +232,8 @@ def lane_stats(lanes: Sequence[Lane], now: float, spool_available: bool) -> dict
 
 def check_lanes(lanes: Sequence[Lane]) -> None:
     """Raise AssertionError with details unless every lane's books balance (see gateway.delivery.dispatcher)."""
+    from gateway.delivery.lanes import MEM, RELEASING, SPILLING
+
     problems: list[str] = []
     for lane in lanes:
         policy = sum(lane.dropped_policy.values()) + lane.dropped_consent
