@@ -110,19 +110,16 @@ _LEASE_SQL: Final = (
     " SELECT event_id FROM payloads WHERE destination = ?1 AND leased = 0 AND next_at <= ?2"
     f" ORDER BY next_at LIMIT ?3) RETURNING {_ROW_COLUMNS}"
 )
-# Batching destinations (GA4: up to 25 events of one client per request): among the earliest due rows (a window of
-# ?4 rows, so the cost stays bounded whatever the backlog), lease whole groups of one batch key, up to ?5 rows each,
-# clients with the oldest row first, at most ?3 rows in all.
-_LEASE_GROUPED_SQL: Final = (
-    "UPDATE payloads SET leased = 1 WHERE destination = ?1 AND event_id IN ("  # noqa: S608
-    " SELECT event_id FROM ("
-    "  SELECT event_id, batch_key, next_at,"
-    "   row_number() OVER (PARTITION BY batch_key ORDER BY next_at) AS nth,"
-    "   min(next_at) OVER (PARTITION BY batch_key) AS first"
-    "  FROM (SELECT event_id, batch_key, next_at FROM payloads"
-    "        WHERE destination = ?1 AND leased = 0 AND next_at <= ?2 ORDER BY next_at LIMIT ?4))"
-    " WHERE nth <= ?5 ORDER BY first, batch_key, nth LIMIT ?3)"
-    f" RETURNING {_ROW_COLUMNS}"
+# Batching destinations (GA4: up to 25 events of one client per request): the earliest due rows' keys (a window of
+# ?3 rows, so the cost stays bounded whatever the backlog), grouped in Python (Spool._lease_groups), then the chosen
+# rows leased by id. One window query over the index did the grouping too, at ~2x the CPU per leased row.
+_DUE_KEYS_SQL: Final = (
+    "SELECT event_id, batch_key FROM payloads WHERE destination = ?1 AND leased = 0 AND next_at <= ?2"
+    " ORDER BY next_at LIMIT ?3"
+)
+_LEASE_IDS_SQL: Final = (
+    "UPDATE payloads SET leased = 1 WHERE destination = ?1 AND leased = 0"  # noqa: S608
+    f" AND event_id IN (SELECT value FROM json_each(?2)) RETURNING {_ROW_COLUMNS}"
 )
 _SELECT_ROWS_SQL: Final = f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608
 _INSERT_SQL: Final = (
@@ -457,18 +454,38 @@ class Spool:
         """Lease up to ``limit`` unleased rows due at ``now``, earliest first.
 
         ``batch`` > 1: the destination takes that many payloads of one batch key per request; lease whole groups
-        of a key (see _LEASE_GROUPED_SQL) so requests fill up, rather than a time slice across many clients.
+        of a key (see _lease_groups) so requests fill up, rather than a time slice across many clients.
         """
         if limit <= 0:
             return []
         with self._transaction() as conn:
             if batch > 1:
-                records = conn.execute(_LEASE_GROUPED_SQL, (destination, now, limit, 4 * limit, batch)).fetchall()
+                records = self._lease_groups(conn, destination, now, limit, batch)
             else:
                 records = conn.execute(_LEASE_SQL, (destination, now, limit)).fetchall()
         rows = [_decode(record) for record in records]
         rows.sort(key=lambda row: row.next_at)  # RETURNING has no defined order
         return rows
+
+    @staticmethod
+    def _lease_groups(conn: sqlite3.Connection, destination: str, now: float, limit: int, batch: int) -> list[Any]:
+        """Among the earliest 4 x ``limit`` due rows: whole groups of one batch key (at most ``batch`` rows each,
+        earliest first), the key with the oldest row first, at most ``limit`` rows in all; leased in one statement."""
+        groups: dict[str, list[str]] = {}
+        for event_id, key in conn.execute(_DUE_KEYS_SQL, (destination, now, 4 * limit)):
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [event_id]
+            elif len(group) < batch:
+                group.append(event_id)
+        chosen: list[str] = []
+        for group in groups.values():  # in the order of each key's earliest row
+            chosen.extend(group[: limit - len(chosen)])
+            if len(chosen) >= limit:
+                break
+        if not chosen:
+            return []
+        return conn.execute(_LEASE_IDS_SQL, (destination, json.dumps(chosen))).fetchall()
 
     def release(self, rows: Iterable[SpoolRow], retried: int = 0) -> int:
         """Give leased rows back with their new schedule (attempts, next_at, last_error); missing rows are ignored.
