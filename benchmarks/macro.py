@@ -655,6 +655,25 @@ def paired_ratio(reference: Summary, other: Summary) -> float:
     )
 
 
+def paired_added_cpu(reference: Summary, other: Summary) -> float:
+    """Median over rounds of ``other``'s server CPU per request minus ``reference``'s in the same round: a dip of the
+    machine in one round moves both sides of that round's difference, not the comparison of two medians."""
+    return statistics.median(
+        1e6
+        * (
+            o.cpu_s.get(other.server, 0.0) / max(1, o.requests)
+            - r.cpu_s.get(reference.server, 0.0) / max(1, r.requests)
+        )
+        for r, o in zip(reference.runs, other.runs, strict=True)
+    )
+
+
+def spread(summary: Summary) -> float:
+    """How far the throughput moved between rounds: (max - min) / median of the rounds' req/s."""
+    rates = [run.requests_per_s for run in summary.runs]
+    return (max(rates) - min(rates)) / statistics.median(rates) if rates else 0.0
+
+
 def paced_rounds(
     configs: Sequence[Config],
     rate: float,
@@ -978,7 +997,7 @@ STAGE_LABELS: Final = {
     "pageview": "core + page view (title, event handed off)",
     "full": "everything (core + banner + page view)",
 }
-STAGE_ROUNDS: Final = 3
+STAGE_ROUNDS: Final = 5
 STAGE_SECONDS: Final = 4.0
 
 

@@ -585,6 +585,10 @@ def middleware_section(results: dict[str, Summary], mode: Mode) -> tuple[list[st
     return lines, goals
 
 
+# The reference's round-to-round throughput spread above which the stage section says the machine was not steady.
+STEADY_SPREAD: Final = 0.10
+
+
 def stages_section(results: dict[str, Summary]) -> list[str]:
     """Server CPU per request with the gateway's stages switched on one at a time (issue 17's cost map)."""
     bare = results["stage-bare"]
@@ -598,26 +602,34 @@ def stages_section(results: dict[str, Summary]) -> list[str]:
         f"pageviews`); wrk `-c{macro.WRK_CONNECTIONS}`, {macro.STAGE_ROUNDS} interleaved rounds of "
         f"{macro.STAGE_SECONDS:g} s, medians"
         + ("; each server pinned to one core and wrk to the other." if pin else ".")
-        + " *added*: server CPU per request beyond bare Starlette's; *ratio*: the median of each round's throughput "
-        "ratio to bare Starlette. Under load every microsecond of Python costs about two to three times what it "
-        "costs in a tight in-process loop (the micro benchmarks): the server's other work (kernel, uvloop, "
-        "httptools) between two requests leaves caches and branch predictors cold.",
+        + " *added*: the median of each round's server CPU per request beyond bare Starlette's in the same round; "
+        "*ratio*: the median of each round's throughput ratio to bare Starlette (paired, so a dip of the machine "
+        "during one round moves both sides of that round's figures). Under load every microsecond of Python costs "
+        "about two to three times what it costs in a tight in-process loop (the micro benchmarks): the server's "
+        "other work (kernel, uvloop, httptools) between two requests leaves caches and branch predictors cold.",
         "",
         "| build | configuration | req/s | ratio | server CPU µs/req | added µs/req |",
         "|---|---|---|---|---|---|",
         f"| — | bare Starlette | {bare.rps:,.0f} | 1.000 | {bare_cpu:.1f} | — |",
     ]
+    moved = macro.spread(bare)
+    note = f"Bare Starlette's throughput moved by {moved:.0%} between rounds" + (
+        f": more than {STEADY_SPREAD:.0%}, so the machine was not steady; read these figures with care."
+        if moved > STEADY_SPREAD
+        else " (steady)."
+    )
     for build, suffix in ((PURE, ""), (COMPILED, "-compiled")):
         for stage in macro.STAGES:
             summary = results.get(f"stage-{stage}{suffix}")
             if summary is None:
                 continue
             cpu = summary.cpu_us_per_request(summary.server)
+            added = macro.paired_added_cpu(bare, summary)
             lines.append(
                 f"| {build} | {macro.STAGE_LABELS[stage]} | {summary.rps:,.0f} "
-                f"| {macro.paired_ratio(bare, summary):.3f} | {cpu:.1f} | {cpu - bare_cpu:+.1f} |"
+                f"| {macro.paired_ratio(bare, summary):.3f} | {cpu:.1f} | {added:+.1f} |"
             )
-    return [*lines, ""]
+    return [*lines, "", note, ""]
 
 
 def _paced_table(results: dict[str, Summary], reference: str, mode: Mode) -> list[str]:
