@@ -74,9 +74,11 @@ import contextlib
 import http.cookiejar
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 import httpx
 
@@ -103,6 +105,8 @@ from gateway.sinks.transport import UpstreamTransport
 from gateway.spool import Spool
 
 __all__ = ["CIRCUIT_CLOSED", "CIRCUIT_HALF_OPEN", "CIRCUIT_OPEN", "Dispatcher"]
+
+DRAIN_POLL_SECONDS: Final = 0.01
 
 log = logging.getLogger("gateway.dispatch")
 # Destinations' URLs may carry secrets (GA4's api_secret): keep httpx's per-request INFO lines out of any log.
@@ -359,7 +363,9 @@ class Dispatcher:
         deadline = loop.time() + self.settings.shutdown_timeout
         for lane in self._lanes:
             lane.draining = True
-            lane.drain_deadline = deadline
+            # With a spool, what a sender does not start in time is kept and sent once later; without one it would
+            # be dropped, so then every sender keeps trying (at worst ambiguous) until the deadline.
+            lane.drain_deadline = deadline if self._bridge.spool is not None else math.inf
             # Items leased from the spool are safe where they are; give them back instead of sending them now.
             if lane.ready:
                 self._settler.release(list(lane.ready), lane)
@@ -367,7 +373,8 @@ class Dispatcher:
             lane.wake_all()
             lane.keeper_wake.set()
         while loop.time() < deadline and not all(self._drained(lane, loop.time()) for lane in self._lanes):
-            await asyncio.sleep(min(self._tick_seconds, deadline - loop.time()))
+            # Polled finer than a keeper tick (flush_interval / 4): the drain ends as soon as nothing more can go.
+            await asyncio.sleep(min(self._tick_seconds, DRAIN_POLL_SECONDS, deadline - loop.time()))
         for lane in self._lanes:
             lane.keeper_exit = True
             lane.keeper_wake.set()

@@ -195,9 +195,9 @@ class Lane:
         return self.circuit != CIRCUIT_CLOSED or self.paused_until > now
 
     def too_late(self, loop_now: float) -> bool:
-        """Draining, and a request started now would likely outlast the drain deadline: cut off on the wire it would
-        end ambiguous (the destination may or may not have it), while left alone it is spooled and sent once later.
-        With nothing measured yet there is no estimate, and the request is started."""
+        """Draining with a spool, and a request started now would likely outlast the drain deadline: cut off on the
+        wire it would end ambiguous (the destination may or may not have it), while left alone it is spooled and sent
+        once later. With nothing measured yet there is no estimate, and the request is started."""
         return bool(self.latencies) and loop_now + 2 * max(self.latencies) > self.drain_deadline
 
     def memory_empty(self) -> bool:
