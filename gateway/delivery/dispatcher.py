@@ -355,7 +355,11 @@ class Dispatcher:
             lane.send = default.handle_async_request
 
     async def stop(self) -> None:
-        """Stop intake, deliver what is queued within ``shutdown_timeout``, spool the rest, close everything."""
+        """Stop intake, deliver what is queued within ``shutdown_timeout``, spool the rest, close everything.
+
+        With a spool, no request is started that would likely still be on the wire at the deadline (twice the lane's
+        slowest recent request, Lane.too_late): cut off, it would count as ambiguous; spooled, it is sent once later.
+        """
         self._accepting = False
         if not self._running:
             return
