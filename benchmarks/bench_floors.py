@@ -140,9 +140,10 @@ def deliverer_pieces(directory: Path, destination: str, events: int) -> dict[str
         settle = _cpu(lambda: [spool.settle(destination, {"delivered": chunk}) for chunk in _chunks(ids, COMMIT_ROWS)])
     finally:
         spool.close()
+    # The requests are built from the payloads as the deliverer has them: read back from the spool (with their JSON).
     by_key: dict[str, list[Payload]] = {}
-    for payload in payloads:
-        by_key.setdefault(payload.batch_key, []).append(payload)
+    for row in leased:
+        by_key.setdefault(row.payload.batch_key, []).append(row.payload)
     requests = [chunk for group in by_key.values() for chunk in _chunks(group, batch)]
     request = _cpu(lambda: [sink.request(chunk) for chunk in requests])
     response = _cpu(
