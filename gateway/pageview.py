@@ -490,8 +490,8 @@ def request_host(scope: Scope) -> str:
     headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())
     for name, value in headers:
         if name == b"host":
-            return _request_host(scope, value)
-    return _request_host(scope, None)
+            return _host(_scheme(scope), scope.get("server"), value)
+    return _host(_scheme(scope), scope.get("server"), None)
 
 
 def _valid_host(host_header: bytes) -> bool:
@@ -499,13 +499,13 @@ def _valid_host(host_header: bytes) -> bool:
     return match is not None and (match.group(1) is None or int(match.group(1)) <= 65535)
 
 
-def _request_host(scope: Scope, host_header: bytes | None) -> str:
-    """:func:`request_host` given the value of the first Host header (None when there is none)."""
+def _host(scheme: str, server: object, host_header: bytes | None) -> str:
+    """:func:`request_host` from the scope's scheme ("http" or "https") and ``server`` and the value of the first
+    Host header (None when there is none)."""
     if host_header is not None and _valid_host(host_header):
         return host_header.decode("ascii").lower()
     # Garbage or no Host (HTTP/1.0): fall back to the address the server listens on.
-    server = scope.get("server")
-    if not server or not isinstance(server[0], str):
+    if not isinstance(server, (tuple, list)) or not server or not isinstance(server[0], str):
         return "localhost"
     host = server[0].lower()
     if ":" in host:
@@ -516,7 +516,7 @@ def _request_host(scope: Scope, host_header: bytes | None) -> str:
     elif not _HOST.fullmatch(host.encode("ascii", "replace")):
         return "localhost"  # e.g. a unix socket path
     port = server[1]
-    if isinstance(port, int) and port != _DEFAULT_PORTS[_scheme(scope)]:
+    if isinstance(port, int) and port != _DEFAULT_PORTS[scheme]:
         host = f"{host}:{port}"
     return host
 
@@ -535,14 +535,14 @@ _URL_PREFIX_CACHE_SIZE = 256
 _url_prefixes: dict[str, dict[bytes, str]] = {"http": {}, "https": {}}
 
 
-def _url_prefix(scope: Scope, scheme: str, host_header: bytes | None) -> str:
+def _url_prefix(scheme: str, server: object, host_header: bytes | None) -> str:
     cache = _url_prefixes[scheme]
     key = host_header if type(host_header) is bytes else None  # a bytearray is not hashable
     if key is not None:
         prefix = cache.get(key)
         if prefix is not None:
             return prefix
-    host = _request_host(scope, host_header)
+    host = _host(scheme, server, host_header)
     default = f":{_DEFAULT_PORTS[scheme]}"
     if host.endswith(default):
         host = host[: -len(default)]
@@ -577,11 +577,7 @@ def _page_url(
     scheme: object, host_header: bytes | None, raw_path: object, path: object, query: object, server: object
 ) -> str:
     """:func:`page_url_for_host` from the scope's values (a deferred page view keeps just these)."""
-    scheme_name = scheme if scheme == "https" else "http"
-    # The cached "scheme://host" of a Host header seen before, else work it out (and maybe cache it).
-    prefix = _url_prefixes[scheme_name].get(host_header) if type(host_header) is bytes else None
-    if prefix is None:
-        prefix = _url_prefix({"scheme": scheme_name, "server": server}, scheme_name, host_header)
+    prefix = _url_prefix(scheme if scheme == "https" else "http", server, host_header)
     if isinstance(raw_path, bytes) and raw_path.startswith(b"/"):
         # Fast path (every page view): already-encoded ASCII that quote() would return unchanged.
         unchanged = not raw_path.translate(None, _PATH_UNCHANGED)

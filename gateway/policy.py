@@ -605,7 +605,7 @@ class DestinationPolicy:
     def apply(self, event: Event) -> FilteredEvent:
         """Check consent and return the allowed, minimised fields; PolicyDrop if the event cannot be sent at all."""
         self.check_consent(event)
-        complete_pageview(event)  # a page view from the middleware: its url, referrer and language, worked out now
+        complete_pageview(event)  # a page view from the middleware: its url, worked out now
         page = self._page(event.url)
         if page.url is None or page.origin is None:
             raise PolicyDrop("invalid_url")
