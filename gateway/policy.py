@@ -247,6 +247,12 @@ def origin(url: str) -> str | None:
     return f"{scheme}://{_netloc(hostname, port, scheme)}/"
 
 
+def _is_slash_address(text: str) -> bool:
+    """One word with an '@' and no '/' after it: an address whose local part starts with '/' (RFC 5322 atext allows
+    it), not a site path; split at '/' like a path, no segment would show it."""
+    return _EMAIL.fullmatch(text) is not None and "/" not in text.partition("@")[2]
+
+
 def _scrub_path(path: str, placeholder: str, scrub_segments: bool) -> str:
     # Normalise to ASCII: existing escapes stay, anything else unsafe (spaces, non-ASCII, quotes) is encoded.
     path = quote(path or "/", safe=_PATH_SAFE)
@@ -579,7 +585,7 @@ class DestinationPolicy:
         stripped = text.strip()
         if stripped.startswith(("http://", "https://")):
             return self.page_url(stripped[:MAX_PROP_TEXT_CHARS]) or ""
-        if stripped.startswith("/") and not stripped.startswith("//"):
+        if stripped.startswith("/") and not stripped.startswith("//") and not _is_slash_address(stripped):
             # A site path: scrub it like a URL's path and query.
             scrubbed = self.page_url("http://x.invalid" + stripped[:MAX_PROP_TEXT_CHARS])
             return scrubbed.removeprefix("http://x.invalid") if scrubbed else ""

@@ -319,6 +319,10 @@ def test_props_are_scalars_with_minimised_values() -> None:
             "author": "bob@example.com",
             "next": "https://www.python.org/x/?token=abc&utm_source=y#f",
             "path": "/reset/3-abc123def456abc123def456/?password=x",
+            # An address whose local part starts with "/" (RFC 5322 atext allows it) is no site path: split at "/",
+            # no segment would show the address (found by test_leak_property).
+            "contact": "/@a.example",
+            "site_path": "/@python/posts/",
             "count": 3,
             "flag": False,
             "list": [1],
@@ -332,6 +336,8 @@ def test_props_are_scalars_with_minimised_values() -> None:
         "author": ":redacted",
         "next": "https://www.python.org/x/?utm_source=y",
         "path": "/reset/:redacted/",
+        "contact": ":redacted",
+        "site_path": "/@python/posts/",
         "count": "3",
         "flag": "false",
     }
