@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -104,29 +105,91 @@ _ROW_COLUMNS: Final = (
     "event_id, destination, body, headers, batch_key, created_at, accepted_at, attempts, next_at, last_error"
 )
 
+_SELECT_ROWS_SQL: Final = f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608
+# Statements over many rows run as one sqlite3_step each, never one per row. The dispatcher's spool thread shares the
+# GIL with a busy event loop, and the sqlite3 module releases the GIL around every step: getting it back can take the
+# whole switch interval (5 ms, https://docs.python.org/3/library/sys.html#sys.setswitchinterval) while the loop
+# serves pages, so a 128-row insert of one statement per row took ~640 ms instead of ~1.5 ms, and the overflow of a
+# hung destination piled up in memory meanwhile (benchmarks/bench_spool_thread.py measures both).
+# Ids go in as one JSON array (json_each); rows with their numbers go in as multi-row VALUES, bound as parameters
+# (SQLite's JSON parser does not round-trip every float exactly), in groups of 2^k rows so a few prepared statements
+# serve every batch size.
+_INSERT_GROUP_MAX: Final = 64
+_IN_IDS: Final = "event_id IN (SELECT value FROM json_each(?2))"
+_COUNT_IDS_SQL: Final = f"SELECT count(*), coalesce(sum(size), 0) FROM payloads WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
+_EXISTING_IDS_SQL: Final = f"SELECT json_group_array(event_id) FROM payloads WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
+_DELETE_IDS_SQL: Final = f"DELETE FROM payloads WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
+_MARK_SENDING_SQL: Final = f"UPDATE payloads SET leased = 2 WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
+    return (
+        "INSERT OR IGNORE INTO payloads (event_id, destination, body, headers, batch_key, created_at,"  # noqa: S608
+        f" accepted_at, attempts, next_at, leased, last_error, size) VALUES {values}"
+    )
+
+
+@functools.cache
+def _release_sql(rows: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+    return (
+        "UPDATE payloads SET leased = 0, attempts = v.column3, next_at = v.column4, last_error = v.column5"  # noqa: S608
+        f" FROM (VALUES {values}) AS v WHERE payloads.destination = v.column1 AND payloads.event_id = v.column2"
+    )
+
+
+def _groups(records: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, list[Any]]]:
+    """``records`` in groups of 2^k rows (at most _INSERT_GROUP_MAX), each as (rows, flat parameters)."""
+    start = 0
+    while start < len(records):
+        size = min(_INSERT_GROUP_MAX, 1 << ((len(records) - start).bit_length() - 1))
+        yield size, [value for record in records[start : start + size] for value in record]
+        start += size
+
+
+def _insert_records(conn: sqlite3.Connection, records: Sequence[tuple[Any, ...]]) -> int:
+    """INSERT OR IGNORE payload records (the columns of _insert_sql); return how many were new."""
+    return sum(max(conn.execute(_insert_sql(size), params).rowcount, 0) for size, params in _groups(records))
+
+
+def _ids_json(event_ids: Iterable[str]) -> str:
+    return json.dumps(list(event_ids))
+
+
 # Built from constants only (no input reaches these strings).
 _LEASE_SQL: Final = (
     "UPDATE payloads SET leased = 1 WHERE destination = ?1 AND event_id IN ("  # noqa: S608
     " SELECT event_id FROM payloads WHERE destination = ?1 AND leased = 0 AND next_at <= ?2"
     f" ORDER BY next_at LIMIT ?3) RETURNING {_ROW_COLUMNS}"
 )
+# With few_trips (calls on a thread beside a busy loop), leased rows come back as one JSON array in one row instead:
+# a fetch per row would be a GIL round trip per row (see _INSERT_GROUP_MAX), at ~5 us less CPU per row
+# (benchmarks/bench_floors.py). REALs travel as text with 21 significant digits, which Python reads back to the
+# same double (https://www.sqlite.org/printf.html: "!" asks for SQLite's extended precision; its JSON and quote()
+# write 15-17 digits, from which a few doubles in a thousand come back one unit off; tests/test_spool.py checks
+# every finite double with hypothesis).
+_REAL_TEXT: Final = "'%!.20e'"
+_LEASED_JSON: Final = (
+    "json_group_array(json_array(event_id, destination, body, headers, batch_key,"
+    f" printf({_REAL_TEXT}, created_at), printf({_REAL_TEXT}, accepted_at), attempts, printf({_REAL_TEXT}, next_at),"
+    " last_error))"
+)
+_DUE_ROWS_SQL: Final = (
+    f"SELECT {_LEASED_JSON} FROM (SELECT * FROM payloads"  # noqa: S608
+    " WHERE destination = ?1 AND leased = 0 AND next_at <= ?2 ORDER BY next_at LIMIT ?3)"
+)
 # Batching destinations (GA4: up to 25 events of one client per request): the earliest due rows' keys (a window of
-# ?3 rows, so the cost stays bounded whatever the backlog), grouped in Python (Spool._lease_groups), then the chosen
-# rows leased by id. One window query over the index did the grouping too, at ~2x the CPU per leased row.
+# ?3 rows, so the cost stays bounded whatever the backlog), grouped in Python (Spool._due_groups), then the chosen
+# rows read by id. One window query over the index did the grouping too, at ~2x the CPU per leased row.
 _DUE_KEYS_SQL: Final = (
-    "SELECT event_id, batch_key FROM payloads WHERE destination = ?1 AND leased = 0 AND next_at <= ?2"
-    " ORDER BY next_at LIMIT ?3"
+    "SELECT json_group_array(json_array(event_id, batch_key)) FROM (SELECT event_id, batch_key FROM payloads"
+    " WHERE destination = ?1 AND leased = 0 AND next_at <= ?2 ORDER BY next_at LIMIT ?3)"
 )
-_LEASE_IDS_SQL: Final = (
-    "UPDATE payloads SET leased = 1 WHERE destination = ?1 AND leased = 0"  # noqa: S608
-    f" AND event_id IN (SELECT value FROM json_each(?2)) RETURNING {_ROW_COLUMNS}"
-)
-_SELECT_ROWS_SQL: Final = f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608
-_INSERT_SQL: Final = (
-    "INSERT OR IGNORE INTO payloads (event_id, destination, body, headers, batch_key, created_at,"
-    " accepted_at, attempts, next_at, leased, last_error, size)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_ROWS_BY_ID_SQL: Final = f"SELECT {_LEASED_JSON} FROM payloads WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
+_LEASE_IDS_SQL: Final = f"UPDATE payloads SET leased = 1 WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
+_LEASE_IDS_RETURNING_SQL: Final = f"{_LEASE_IDS_SQL} AND leased = 0 RETURNING {_ROW_COLUMNS}"
 
 
 class SpoolError(Exception):
@@ -194,6 +257,8 @@ def _encode(row: SpoolRow) -> tuple[str, str, int]:
 
 
 def _decode(record: Sequence[Any]) -> SpoolRow:
+    """A row as selected (_ROW_COLUMNS) or as an element of _LEASED_JSON, whose REALs arrive as text; float() also
+    turns a REAL that SQLite hands back as an integer (0.0 stored as 0) into a float."""
     event_id, destination, body, headers, batch_key, created_at, accepted_at, attempts, next_at, last_error = record
     payload = Payload(
         destination=destination,
@@ -201,31 +266,34 @@ def _decode(record: Sequence[Any]) -> SpoolRow:
         body=json.loads(body),
         headers=tuple((str(name), str(value)) for name, value in json.loads(headers)),
         batch_key=batch_key,
-        created_at=created_at,
+        created_at=float(created_at),
         body_json=body,
     )
-    return SpoolRow(payload, accepted_at=accepted_at, attempts=attempts, next_at=next_at, last_error=last_error)
+    return SpoolRow(
+        payload, accepted_at=float(accepted_at), attempts=attempts, next_at=float(next_at), last_error=last_error
+    )
 
 
 def _settle(conn: sqlite3.Connection, destination: str, outcomes: Mapping[str, Sequence[str]]) -> int:
     deleted = 0
     counts: dict[str, int] = {}
     for outcome, event_ids in outcomes.items():
-        records = conn.executemany(
-            "DELETE FROM payloads WHERE destination = ? AND event_id = ?",
-            [(destination, event_id) for event_id in event_ids],
-        )
-        counts[outcome] = max(records.rowcount, 0)
+        counts[outcome] = max(conn.execute(_DELETE_IDS_SQL, (destination, _ids_json(event_ids))).rowcount, 0)
         deleted += counts[outcome]
     books.add_counts(conn, destination, counts)
     return deleted
 
 
 class Spool:
-    """The SQLite spool. Call :meth:`open` first; every method runs one short transaction."""
+    """The SQLite spool. Call :meth:`open` first; every method runs one short transaction (or joins :meth:`batch`'s)."""
 
-    def __init__(self, settings: SpoolSettings, *, host: bool = False, owner: bool = True) -> None:
+    def __init__(
+        self, settings: SpoolSettings, *, host: bool = False, owner: bool = True, few_trips: bool = False
+    ) -> None:
         self.settings = settings
+        # Calls run on a thread beside a busy event loop (the in-process dispatcher): read leased rows in one fetch,
+        # not one per row, even at some CPU (see _LEASED_JSON).
+        self.few_trips = few_trips
         # Deliverer mode: the host's one spool, written by every request worker; each change is counted in the
         # host books (gateway.delivery.books) within its own transaction.
         self.host = host
@@ -238,6 +306,7 @@ class Spool:
         self._rows = 0
         self._bytes = 0
         self._rows_by_destination: dict[str, int] = {}
+        self._in_batch = False
         self.recovered_leases = 0  # rows that were in flight when the previous process stopped
 
     def __repr__(self) -> str:
@@ -311,6 +380,9 @@ class Spool:
         # wire (leased = 2) stay for recover_sending(): they may have arrived, so sending them again could count twice.
         held = "leased = 1" if self.host else "leased != 0"
         self.recovered_leases = conn.execute(f"UPDATE payloads SET leased = 0 WHERE {held}").rowcount  # noqa: S608
+        self._load_totals(conn)
+
+    def _load_totals(self, conn: sqlite3.Connection) -> None:
         self._rows, self._bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM payloads").fetchone()
         self._rows_by_destination = dict(
             conn.execute("SELECT destination, count(*) FROM payloads GROUP BY destination").fetchall()
@@ -347,8 +419,28 @@ class Spool:
         return self._conn
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run several calls in one transaction: one BEGIN and one COMMIT for all of them, since on the spool thread
+        each statement costs a GIL round trip (see _INSERT_GROUP_MAX). If any call fails, all of them roll back."""
+        try:
+            with self._transaction():
+                self._in_batch = True
+                try:
+                    yield
+                finally:
+                    self._in_batch = False
+        except BaseException:
+            if self.owner:  # the calls counted rows that are not there after the rollback
+                with contextlib.suppress(sqlite3.Error, SpoolError):
+                    self._load_totals(self._db)
+            raise
+
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         conn = self._db
+        if self._in_batch:  # batch()'s transaction commits or rolls back this call's changes with the others
+            yield conn
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -371,33 +463,51 @@ class Spool:
     # ----------------------------------------------------------------------------------------------------------
 
     def put(self, rows: Iterable[SpoolRow], *, leased: bool = False) -> PutResult:
-        """Insert rows that fit under the caps; an existing (destination, event_id) is left as is (INSERT OR IGNORE)."""
+        """Insert rows that fit under the caps; an existing (destination, event_id) is left as is (a duplicate)."""
+        rows = list(rows)
         inserted: list[str] = []
         duplicates: list[str] = []
         rejected: list[str] = []
         invalid: list[str] = []
         limit_rows, limit_bytes = self.settings.max_rows, self.settings.max_bytes
         with self._transaction() as conn:
+            seen: set[tuple[str, str]] = set()
+            for destination in {row.destination for row in rows}:
+                ids = _ids_json(row.event_id for row in rows if row.destination == destination)
+                (found,) = conn.execute(_EXISTING_IDS_SQL, (destination, ids)).fetchone()
+                seen.update((destination, event_id) for event_id in json.loads(found))
+            records: list[tuple[Any, ...]] = []
+            added: dict[str, list[int]] = {}
+            total_rows, total_bytes = self._rows, self._bytes
             for row in rows:
+                payload = row.payload
+                key = (payload.destination, payload.event_id)
+                if key in seen:
+                    duplicates.append(row.event_id)
+                    continue
                 try:
                     body, headers, size = _encode(row)
                 except (TypeError, ValueError):
                     invalid.append(row.event_id)
                     continue
-                if self._rows + 1 > limit_rows or self._bytes + size > limit_bytes:
+                if total_rows + 1 > limit_rows or total_bytes + size > limit_bytes:
                     rejected.append(row.event_id)
                     continue
-                payload = row.payload
-                cursor = conn.execute(
-                    _INSERT_SQL,
+                seen.add(key)
+                total_rows += 1
+                total_bytes += size
+                records.append(
                     (payload.event_id, payload.destination, body, headers, payload.batch_key, payload.created_at,
-                     row.accepted_at, row.attempts, row.next_at, int(leased), row.last_error, size),
+                     row.accepted_at, row.attempts, row.next_at, int(leased), row.last_error, size)
                 )  # fmt: skip
-                if cursor.rowcount == 1:
-                    inserted.append(row.event_id)
-                    self._count(payload.destination, 1, size)
-                else:
-                    duplicates.append(row.event_id)
+                inserted.append(row.event_id)
+                counted = added.setdefault(payload.destination, [0, 0])
+                counted[0] += 1
+                counted[1] += size
+            # The transaction holds the write lock since the look-up above, so every record is new.
+            _insert_records(conn, records)
+        for destination, (count, size) in added.items():
+            self._count(destination, count, size)
         return PutResult(tuple(inserted), tuple(duplicates), tuple(rejected), tuple(invalid))
 
     def hand_off(self, rows: Sequence[SpoolRow], counts: Mapping[str, Mapping[str, int]]) -> int:
@@ -433,7 +543,7 @@ class Spool:
                 )  # fmt: skip
             inserted = 0
             for destination, records in by_destination.items():
-                added = max(conn.executemany(_INSERT_SQL, records).rowcount, 0)
+                added = _insert_records(conn, records)
                 inserted += added
                 if added < len(records):  # an event id seen before: the first copy counts
                     counts_for = extra.setdefault(destination, {})
@@ -454,25 +564,36 @@ class Spool:
         """Lease up to ``limit`` unleased rows due at ``now``, earliest first.
 
         ``batch`` > 1: the destination takes that many payloads of one batch key per request; lease whole groups
-        of a key (see _lease_groups) so requests fill up, rather than a time slice across many clients.
+        of a key (see _due_groups) so requests fill up, rather than a time slice across many clients.
         """
         if limit <= 0:
             return []
         with self._transaction() as conn:
-            if batch > 1:
-                records = self._lease_groups(conn, destination, now, limit, batch)
-            else:
-                records = conn.execute(_LEASE_SQL, (destination, now, limit)).fetchall()
-        rows = [_decode(record) for record in records]
-        rows.sort(key=lambda row: row.next_at)  # RETURNING has no defined order
+            chosen = _ids_json(self._due_groups(conn, destination, now, limit, batch)) if batch > 1 else ""
+            if not self.few_trips:  # one fetch per row, the least CPU
+                if batch > 1:
+                    records = conn.execute(_LEASE_IDS_RETURNING_SQL, (destination, chosen)).fetchall()
+                else:
+                    records = conn.execute(_LEASE_SQL, (destination, now, limit)).fetchall()
+                rows = [_decode(record) for record in records]
+            else:  # every row in one fetch (_LEASED_JSON), then leased by id
+                if batch > 1:
+                    (found,) = conn.execute(_ROWS_BY_ID_SQL, (destination, chosen)).fetchone()
+                else:
+                    (found,) = conn.execute(_DUE_ROWS_SQL, (destination, now, limit)).fetchone()
+                rows = [_decode(record) for record in json.loads(found)]
+                if rows:
+                    conn.execute(_LEASE_IDS_SQL, (destination, _ids_json(row.event_id for row in rows)))
+        rows.sort(key=lambda row: row.next_at)  # neither RETURNING nor json_group_array has a defined order
         return rows
 
     @staticmethod
-    def _lease_groups(conn: sqlite3.Connection, destination: str, now: float, limit: int, batch: int) -> list[Any]:
+    def _due_groups(conn: sqlite3.Connection, destination: str, now: float, limit: int, batch: int) -> list[str]:
         """Among the earliest 4 x ``limit`` due rows: whole groups of one batch key (at most ``batch`` rows each,
-        earliest first), the key with the oldest row first, at most ``limit`` rows in all; leased in one statement."""
+        earliest first), the key with the oldest row first, at most ``limit`` rows in all."""
         groups: dict[str, list[str]] = {}
-        for event_id, key in conn.execute(_DUE_KEYS_SQL, (destination, now, 4 * limit)):
+        (due,) = conn.execute(_DUE_KEYS_SQL, (destination, now, 4 * limit)).fetchone()
+        for event_id, key in json.loads(due):
             group = groups.get(key)
             if group is None:
                 groups[key] = [event_id]
@@ -483,9 +604,7 @@ class Spool:
             chosen.extend(group[: limit - len(chosen)])
             if len(chosen) >= limit:
                 break
-        if not chosen:
-            return []
-        return conn.execute(_LEASE_IDS_SQL, (destination, json.dumps(chosen))).fetchall()
+        return chosen
 
     def release(self, rows: Iterable[SpoolRow], retried: int = 0) -> int:
         """Give leased rows back with their new schedule (attempts, next_at, last_error); missing rows are ignored.
@@ -493,28 +612,22 @@ class Spool:
         ``retried``: retry attempts this release schedules, counted in the host books.
         """
         rows = list(rows)
+        records = [(row.destination, row.event_id, row.attempts, row.next_at, row.last_error) for row in rows]
         with self._transaction() as conn:
-            cursor = conn.executemany(
-                "UPDATE payloads SET leased = 0, attempts = ?, next_at = ?, last_error = ?"
-                " WHERE destination = ? AND event_id = ?",
-                [(row.attempts, row.next_at, row.last_error, row.destination, row.event_id) for row in rows],
+            released = sum(
+                max(conn.execute(_release_sql(size), params).rowcount, 0) for size, params in _groups(records)
             )
             if self.host and retried and rows:
                 books.add_counts(conn, rows[0].destination, {"retried": retried})
-            return max(cursor.rowcount, 0)
+            return released
 
     def delete(self, destination: str, event_ids: Iterable[str]) -> int:
-        deleted = 0
+        ids = _ids_json(event_ids)
         with self._transaction() as conn:
-            for event_id in event_ids:
-                record = conn.execute(
-                    "DELETE FROM payloads WHERE destination = ? AND event_id = ? RETURNING size",
-                    (destination, event_id),
-                ).fetchone()
-                if record is not None:
-                    self._count(destination, -1, -record[0])
-                    deleted += 1
-        return deleted
+            deleted, size = conn.execute(_COUNT_IDS_SQL, (destination, ids)).fetchone()
+            conn.execute(_DELETE_IDS_SQL, (destination, ids))
+        self._count(destination, -deleted, -size)
+        return int(deleted)
 
     def settle(self, destination: str, outcomes: Mapping[str, Sequence[str]]) -> int:
         """Host mode: delete rows by outcome (``{"delivered": [event ids]}``) and count them, in one commit."""
@@ -536,10 +649,7 @@ class Spool:
             for destination, (event_ids, settled) in marks.items():
                 if settled:
                     _settle(conn, destination, settled)
-                conn.executemany(
-                    "UPDATE payloads SET leased = 2 WHERE destination = ? AND event_id = ?",
-                    [(destination, event_id) for event_id in event_ids],
-                )
+                conn.execute(_MARK_SENDING_SQL, (destination, _ids_json(event_ids)))
 
     def recover_sending(self, *, retry: bool) -> dict[str, int]:
         """Host mode, at start: rows that were on the wire when the last deliverer died, per destination.
@@ -564,15 +674,18 @@ class Spool:
 
     def purge_expired(self, destination: str, cutoff: float) -> int:
         """Delete the destination's unleased rows accepted before ``cutoff``; return how many."""
+        where = "destination = ? AND accepted_at < ? AND leased = 0"
         with self._transaction() as conn:
-            records = conn.execute(
-                "DELETE FROM payloads WHERE destination = ? AND accepted_at < ? AND leased = 0 RETURNING size",
+            purged, size = conn.execute(
+                f"SELECT count(*), coalesce(sum(size), 0) FROM payloads WHERE {where}",  # noqa: S608
                 (destination, cutoff),
-            ).fetchall()
+            ).fetchone()
+            if purged:
+                conn.execute(f"DELETE FROM payloads WHERE {where}", (destination, cutoff))  # noqa: S608
             if self.host:
-                books.add_counts(conn, destination, {"dropped_expired": len(records)})
-        self._count(destination, -len(records), -sum(size for (size,) in records))
-        return len(records)
+                books.add_counts(conn, destination, {"dropped_expired": purged})
+        self._count(destination, -purged, -size)
+        return int(purged)
 
     def purge_destinations(self, keep: Iterable[str], cutoff: float) -> int:
         """Delete rows of destinations not in ``keep`` accepted before ``cutoff`` (a removed destination)."""
@@ -585,10 +698,11 @@ class Spool:
     def summary(self, destination: str) -> SpoolSummary:
         conn = self._db
         # Both are single index lookups (payloads_age, payloads_due), cheap enough to run on every tick.
-        oldest_sql = "SELECT min(accepted_at) FROM payloads WHERE destination = ?"
-        due_sql = "SELECT min(next_at) FROM payloads WHERE destination = ? AND leased = 0"
-        oldest = conn.execute(oldest_sql, (destination,)).fetchone()[0]
-        next_due = conn.execute(due_sql, (destination,)).fetchone()[0]
+        oldest, next_due = conn.execute(
+            "SELECT (SELECT min(accepted_at) FROM payloads WHERE destination = ?1),"
+            " (SELECT min(next_at) FROM payloads WHERE destination = ?1 AND leased = 0)",
+            (destination,),
+        ).fetchone()
         if self.host:  # other processes add rows: the books know how many are pending
             pending = books.pending_by_destination(conn).get(destination, 0)
             return SpoolSummary(pending, oldest, next_due)

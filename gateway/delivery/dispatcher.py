@@ -274,7 +274,7 @@ class Dispatcher:
             self._heartbeat = asyncio.create_task(self._beat(), name="dispatch-heartbeat")
 
     async def _open_spool(self) -> None:
-        spool = Spool(self.spool_settings, host=self._host)
+        spool = Spool(self.spool_settings, host=self._host, few_trips=not self._bridge.inline)
         recovered: Mapping[str, int] = {}
         try:
             await self._bridge.run(spool.open)

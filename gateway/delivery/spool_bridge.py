@@ -3,7 +3,10 @@
 The in-process dispatcher shares its loop with page requests, so every spool call runs on one dedicated thread
 (calls run in the order they were submitted, and SQLite never blocks a page). The deliverer (host mode) runs them
 inline: nothing else waits on its loop, and a local SQLite commit (~20 µs) costs less CPU than the two thread hops
-around it (measured with benchmarks/bench_handoff.py).
+around it (measured with benchmarks/bench_handoff.py). The thread shares the GIL with a loop that may be saturated,
+so each trip into SQLite can cost it up to the 5 ms switch interval: the spool opened for it makes a constant number
+of trips per call (``Spool(few_trips=True)``), and the keeper's round trip is one transaction (docs/delivery.md,
+"The spool thread and the GIL").
 """
 
 from __future__ import annotations
@@ -153,21 +156,24 @@ def maintain_op(
     load: int,
     batch: int = 1,
 ) -> MaintainResult:
+    # One transaction for the whole trip (Spool.batch: each statement is a GIL round trip on this thread).
     # Order matters: purge first, so rows inserted by this very call are never purged before the caller has
     # seen that they were inserted.
-    purged = 0
-    if purge_before is not None:
-        purged = spool.purge_expired(destination, purge_before)
-        spool.purge_dead_letters(destination, purge_before)
-    put = PutResult()
-    if rows or leased_rows:
-        first = spool.put(rows) if rows else PutResult()
-        second = spool.put(leased_rows, leased=True) if leased_rows else PutResult()
-        put = PutResult(
-            first.inserted + second.inserted,
-            first.duplicates + second.duplicates,
-            first.rejected + second.rejected,
-            first.invalid + second.invalid,
-        )
-    loaded = spool.lease_due(destination, now, load, batch) if load > 0 else []
-    return MaintainResult(purged, put, loaded, spool.summary(destination))
+    with spool.batch():
+        purged = 0
+        if purge_before is not None:
+            purged = spool.purge_expired(destination, purge_before)
+            spool.purge_dead_letters(destination, purge_before)
+        put = PutResult()
+        if rows or leased_rows:
+            first = spool.put(rows) if rows else PutResult()
+            second = spool.put(leased_rows, leased=True) if leased_rows else PutResult()
+            put = PutResult(
+                first.inserted + second.inserted,
+                first.duplicates + second.duplicates,
+                first.rejected + second.rejected,
+                first.invalid + second.invalid,
+            )
+        loaded = spool.lease_due(destination, now, load, batch) if load > 0 else []
+        summary = spool.summary(destination)
+    return MaintainResult(purged, put, loaded, summary)
