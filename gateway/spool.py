@@ -122,36 +122,38 @@ _DELETE_IDS_SQL: Final = f"DELETE FROM payloads WHERE destination = ?1 AND {_IN_
 _MARK_SENDING_SQL: Final = f"UPDATE payloads SET leased = 2 WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
 
 
-@functools.cache
-def _insert_sql(rows: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-    return (
-        "INSERT OR IGNORE INTO payloads (event_id, destination, body, headers, batch_key, created_at,"  # noqa: S608
-        f" accepted_at, attempts, next_at, leased, last_error, size) VALUES {values}"
-    )
+# Multi-row statements: "{values}" becomes that many "(?, ...)" rows.
+_INSERT_ROWS_SQL: Final = (
+    "INSERT OR IGNORE INTO payloads (event_id, destination, body, headers, batch_key, created_at, accepted_at,"
+    " attempts, next_at, leased, last_error, size) VALUES {values}"
+)
+_RELEASE_ROWS_SQL: Final = (
+    "UPDATE payloads SET leased = 0, attempts = v.column3, next_at = v.column4, last_error = v.column5"
+    " FROM (VALUES {values}) AS v WHERE payloads.destination = v.column1 AND payloads.event_id = v.column2"
+)
+_DEAD_LETTER_ROWS_SQL: Final = (
+    "INSERT OR REPLACE INTO dead_letters (event_id, destination, reason, body, headers, batch_key, created_at,"
+    " accepted_at, attempts, failed_at, size) VALUES {values}"
+)
 
 
 @functools.cache
-def _release_sql(rows: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?)"] * rows)
-    return (
-        "UPDATE payloads SET leased = 0, attempts = v.column3, next_at = v.column4, last_error = v.column5"  # noqa: S608
-        f" FROM (VALUES {values}) AS v WHERE payloads.destination = v.column1 AND payloads.event_id = v.column2"
-    )
+def _rows_sql(statement: str, columns: int, rows: int) -> str:
+    return statement.format(values=", ".join([f"({', '.join('?' * columns)})"] * rows))
 
 
-def _groups(records: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, list[Any]]]:
-    """``records`` in groups of 2^k rows (at most _INSERT_GROUP_MAX), each as (rows, flat parameters)."""
+def _run_rows(conn: sqlite3.Connection, statement: str, records: Sequence[tuple[Any, ...]]) -> int:
+    """Run a multi-row ``statement`` over ``records`` in groups of 2^k rows (at most _INSERT_GROUP_MAX): a few
+    prepared statements serve every batch size. Return the rows changed."""
+    changed = 0
     start = 0
     while start < len(records):
         size = min(_INSERT_GROUP_MAX, 1 << ((len(records) - start).bit_length() - 1))
-        yield size, [value for record in records[start : start + size] for value in record]
+        group = records[start : start + size]
+        params = [value for record in group for value in record]
+        changed += max(conn.execute(_rows_sql(statement, len(group[0]), size), params).rowcount, 0)
         start += size
-
-
-def _insert_records(conn: sqlite3.Connection, records: Sequence[tuple[Any, ...]]) -> int:
-    """INSERT OR IGNORE payload records (the columns of _insert_sql); return how many were new."""
-    return sum(max(conn.execute(_insert_sql(size), params).rowcount, 0) for size, params in _groups(records))
+    return changed
 
 
 def _ids_json(event_ids: Iterable[str]) -> str:
@@ -505,7 +507,7 @@ class Spool:
                 counted[0] += 1
                 counted[1] += size
             # The transaction holds the write lock since the look-up above, so every record is new.
-            _insert_records(conn, records)
+            _run_rows(conn, _INSERT_ROWS_SQL, records)
         for destination, (count, size) in added.items():
             self._count(destination, count, size)
         return PutResult(tuple(inserted), tuple(duplicates), tuple(rejected), tuple(invalid))
@@ -543,7 +545,7 @@ class Spool:
                 )  # fmt: skip
             inserted = 0
             for destination, records in by_destination.items():
-                added = _insert_records(conn, records)
+                added = _run_rows(conn, _INSERT_ROWS_SQL, records)
                 inserted += added
                 if added < len(records):  # an event id seen before: the first copy counts
                     counts_for = extra.setdefault(destination, {})
@@ -614,9 +616,7 @@ class Spool:
         rows = list(rows)
         records = [(row.destination, row.event_id, row.attempts, row.next_at, row.last_error) for row in rows]
         with self._transaction() as conn:
-            released = sum(
-                max(conn.execute(_release_sql(size), params).rowcount, 0) for size, params in _groups(records)
-            )
+            released = _run_rows(conn, _RELEASE_ROWS_SQL, records)
             if self.host and retried and rows:
                 books.add_counts(conn, rows[0].destination, {"retried": retried})
             return released
@@ -727,39 +727,44 @@ class Spool:
 
     def dead_letter(self, letters: Iterable[DeadLetter]) -> None:
         """Record undeliverable events and delete their payload rows, if any."""
+        records: list[tuple[Any, ...]] = []
+        ids: dict[str, list[str]] = {}
+        for letter in letters:
+            body = headers = None
+            batch_key = ""
+            created_at = letter.accepted_at
+            size = ROW_OVERHEAD_BYTES
+            if letter.payload is not None:
+                row = SpoolRow(letter.payload, letter.accepted_at)
+                try:
+                    body, headers, size = _encode(row)
+                except (TypeError, ValueError):
+                    body = headers = None
+                batch_key = letter.payload.batch_key
+                created_at = letter.payload.created_at
+            records.append(
+                (letter.event_id, letter.destination, letter.reason, body, headers, batch_key, created_at,
+                 letter.accepted_at, letter.attempts, letter.failed_at, size)
+            )  # fmt: skip
+            ids.setdefault(letter.destination, []).append(letter.event_id)
+        removed: dict[str, tuple[int, int]] = {}
         with self._transaction() as conn:
-            for letter in letters:
-                body = headers = None
-                batch_key = ""
-                created_at = letter.accepted_at
-                size = ROW_OVERHEAD_BYTES
-                if letter.payload is not None:
-                    row = SpoolRow(letter.payload, letter.accepted_at)
-                    try:
-                        body, headers, size = _encode(row)
-                    except (TypeError, ValueError):
-                        body = headers = None
-                    batch_key = letter.payload.batch_key
-                    created_at = letter.payload.created_at
-                conn.execute(
-                    "INSERT OR REPLACE INTO dead_letters (event_id, destination, reason, body, headers, batch_key,"
-                    " created_at, accepted_at, attempts, failed_at, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (letter.event_id, letter.destination, letter.reason, body, headers, batch_key, created_at,
-                     letter.accepted_at, letter.attempts, letter.failed_at, size),
-                )  # fmt: skip
-                record = conn.execute(
-                    "DELETE FROM payloads WHERE destination = ? AND event_id = ? RETURNING size",
-                    (letter.destination, letter.event_id),
-                ).fetchone()
-                if record is not None:
-                    self._count(letter.destination, -1, -record[0])
+            _run_rows(conn, _DEAD_LETTER_ROWS_SQL, records)
+            for destination, event_ids in ids.items():
+                found = _ids_json(event_ids)
+                count, size = conn.execute(_COUNT_IDS_SQL, (destination, found)).fetchone()
+                if count:
+                    conn.execute(_DELETE_IDS_SQL, (destination, found))
+                    removed[destination] = (count, size)
                     if self.host:
-                        books.add_counts(conn, letter.destination, {"dead_lettered": 1})
+                        books.add_counts(conn, destination, {"dead_lettered": count})
             conn.execute(
                 "DELETE FROM dead_letters WHERE rowid IN ("
                 " SELECT rowid FROM dead_letters ORDER BY failed_at DESC LIMIT -1 OFFSET ?)",
                 (MAX_DEAD_LETTERS,),
             )
+        for destination, (count, size) in removed.items():
+            self._count(destination, -count, -size)
 
     def purge_dead_letters(self, destination: str, cutoff: float) -> int:
         with self._transaction() as conn:

@@ -327,6 +327,9 @@ SPOOL_CALLS: dict[str, Callable[[Spool, list[str]], object]] = {
     "settle": lambda s, ids: s.settle("plausible", {"delivered": ids[::2], "dropped_destination": ids[1::2]}),
     "mark_sending": lambda s, ids: s.mark_sending("plausible", ids, {"delivered": ids}),
     "hand_off": lambda s, ids: s.hand_off([make_row(f"new-{i}") for i in ids], {"plausible": {"accepted": len(ids)}}),
+    "dead_letter": lambda s, ids: s.dead_letter(
+        [DeadLetter(i, "plausible", "http 400", make_row(i).payload, 1000.0, 1, 2000.0) for i in ids]
+    ),
 }
 
 
