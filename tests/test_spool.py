@@ -194,6 +194,20 @@ def test_lease_only_due_unleased_rows_in_order(spool: Spool) -> None:
     assert spool.leased_ids() == {"a", "b", "late"}
 
 
+def test_batched_lease_takes_whole_groups_of_a_key_oldest_first(spool: Spool) -> None:
+    keys = ["a", "b", "a", "c", "a", "b"]
+    rows = []
+    for n, key in enumerate(keys):
+        row = make_row(f"r{n}", destination="ga4", next_at=float(n))
+        rows.append(SpoolRow(dataclasses.replace(row.payload, batch_key=key), row.accepted_at, next_at=row.next_at))
+    spool.put(rows)
+    # At most 2 of a key, the key with the oldest row first, 4 rows in all: a's r0 r2, then b's r1 r5.
+    assert [r.event_id for r in spool.lease_due("ga4", now=10.0, limit=4, batch=2)] == ["r0", "r1", "r2", "r5"]
+    assert [r.event_id for r in spool.lease_due("ga4", now=10.0, limit=4, batch=2)] == ["r3", "r4"]
+    assert spool.lease_due("ga4", now=10.0, limit=4, batch=2) == []
+    assert spool.leased_ids() == {f"r{n}" for n in range(6)}
+
+
 def test_release_reschedules_and_unleases(spool: Spool) -> None:
     spool.put([make_row("a")])
     (row,) = spool.lease_due("plausible", now=1.0, limit=1)
