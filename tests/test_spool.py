@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from gateway.config import SpoolSettings
+from gateway.delivery import books
 from gateway.sinks import Payload
 from gateway.spool import ROW_OVERHEAD_BYTES, DeadLetter, Spool, SpoolError, SpoolRow, _encode
 
@@ -362,6 +363,19 @@ def test_trips_into_sqlite_do_not_grow_with_rows(name: str, tmp_path: Path) -> N
     one, many = trips(1), trips(100)
     # 100 rows may take more statements only where rows go in as multi-row VALUES (64 + 32 + 4).
     assert many <= one + 2, (one, many)
+
+
+def test_books_add_every_counter_in_one_statement(tmp_path: Path) -> None:
+    spool = Spool(SpoolSettings(path=str(tmp_path / "spool.sqlite3")), host=True)
+    spool.open()
+    try:
+        counts = {"accepted": 5, "delivered": 3, "dropped_policy:consent": 1, "retried": 2, "ambiguous": 0}
+        for _ in range(2):
+            assert trips_for(spool, lambda: books.add_counts(spool._db, "plausible", counts)) == 1
+        stored = dict(spool._db.execute("SELECT counter, value FROM books WHERE destination = 'plausible'"))
+        assert stored == {"accepted": 10, "delivered": 6, "dropped_policy:consent": 2, "retried": 4}
+    finally:
+        spool.close()
 
 
 def test_one_batch_commits_several_calls_and_rolls_back_all_of_them(spool: Spool) -> None:
