@@ -404,11 +404,11 @@ def test_duplicates_within_one_put_keep_the_first(spool: Spool) -> None:
 
 
 def test_release_of_many_rows_gives_each_its_own_schedule(spool: Spool) -> None:
-    ids = [f"e{i:03}" for i in range(100)]  # three multi-row statements: 64 + 32 + 4
+    ids = [f"e{i:03}" for i in range(300)]  # five multi-row statements: 128 + 128 + 32 + 8 + 4
     spool.put([make_row(i) for i in ids] + [make_row("not-leased")])
-    assert len(spool.lease_due("plausible", now=1.0, limit=100)) == 100
+    assert len(spool.lease_due("plausible", now=1.0, limit=300)) == 300
     released = [make_row(i, attempts=n, next_at=10.0 + n) for n, i in enumerate(ids)]
-    assert spool.release([*released, make_row("gone", attempts=9)]) == 100
+    assert spool.release([*released, make_row("gone", attempts=9)]) == 300
     assert spool.leased_ids() == set()
     by_id = {r.event_id: (r.attempts, r.next_at) for r in spool.rows_for()}
     assert by_id == {**{i: (n, 10.0 + n) for n, i in enumerate(ids)}, "not-leased": (0, 0.0)}
