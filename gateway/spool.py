@@ -117,7 +117,7 @@ _SELECT_ROWS_SQL: Final = f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608
 _INSERT_GROUP_MAX: Final = 128  # x 12 columns: 1,536 parameters; SQLite 3.32+ allows 32,766 (RETURNING needs 3.35)
 _IN_IDS: Final = "event_id IN (SELECT value FROM json_each(?2))"
 _COUNT_IDS_SQL: Final = f"SELECT count(*), coalesce(sum(size), 0) FROM payloads WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
-_EXISTING_IDS_SQL: Final = f"SELECT json_group_array(event_id) FROM payloads WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
+_NEWEST_KEYS_SQL: Final = "SELECT json_group_array(json_array(destination, event_id)) FROM payloads WHERE rowid > ?"
 _DELETE_IDS_SQL: Final = f"DELETE FROM payloads WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
 _MARK_SENDING_SQL: Final = f"UPDATE payloads SET leased = 2 WHERE destination = ?1 AND {_IN_IDS}"  # noqa: S608
 
@@ -142,18 +142,42 @@ def _rows_sql(statement: str, columns: int, rows: int) -> str:
     return statement.format(values=", ".join([f"({', '.join('?' * columns)})"] * rows))
 
 
-def _run_rows(conn: sqlite3.Connection, statement: str, records: Sequence[tuple[Any, ...]]) -> int:
-    """Run a multi-row ``statement`` over ``records`` in groups of 2^k rows (at most _INSERT_GROUP_MAX): a few
-    prepared statements serve every batch size. Return the rows changed."""
-    changed = 0
+def _run_groups(
+    conn: sqlite3.Connection, statement: str, records: Sequence[tuple[Any, ...]]
+) -> Iterator[tuple[Sequence[tuple[Any, ...]], sqlite3.Cursor]]:
+    """Run a multi-row ``statement`` over ``records`` in groups of 2^k rows (at most _INSERT_GROUP_MAX), so that a
+    few prepared statements serve every batch size; yield each group with its cursor."""
     start = 0
     while start < len(records):
         size = min(_INSERT_GROUP_MAX, 1 << ((len(records) - start).bit_length() - 1))
         group = records[start : start + size]
         params = [value for record in group for value in record]
-        changed += max(conn.execute(_rows_sql(statement, len(group[0]), size), params).rowcount, 0)
+        yield group, conn.execute(_rows_sql(statement, len(group[0]), size), params)
         start += size
-    return changed
+
+
+def _run_rows(conn: sqlite3.Connection, statement: str, records: Sequence[tuple[Any, ...]]) -> int:
+    """:func:`_run_groups`, returning the rows changed."""
+    return sum(max(cursor.rowcount, 0) for _, cursor in _run_groups(conn, statement, records))
+
+
+def _insert_payloads(conn: sqlite3.Connection, records: Sequence[tuple[Any, ...]]) -> set[tuple[str, str]]:
+    """INSERT OR IGNORE payload ``records``; return the (destination, event_id) of those already there.
+
+    The common case is one statement per group of rows. Only a group that inserts fewer rows than it holds has its
+    new rows looked up: a rowid table gives each new row the largest rowid so far plus one
+    (https://www.sqlite.org/autoinc.html), so the rows one statement inserted are those above its last rowid minus
+    its count."""
+    existing: set[tuple[str, str]] = set()
+    for group, cursor in _run_groups(conn, _INSERT_ROWS_SQL, records):
+        changed = max(cursor.rowcount, 0)
+        if changed < len(group):
+            new: set[tuple[str, str]] = set()
+            if changed and cursor.lastrowid is not None:
+                (found,) = conn.execute(_NEWEST_KEYS_SQL, (cursor.lastrowid - changed,)).fetchone()
+                new = {(destination, event_id) for destination, event_id in json.loads(found)}
+            existing.update(key for key in ((record[1], record[0]) for record in group) if key not in new)
+    return existing
 
 
 def _ids_json(event_ids: Iterable[str]) -> str:
@@ -465,52 +489,48 @@ class Spool:
     # ----------------------------------------------------------------------------------------------------------
 
     def put(self, rows: Iterable[SpoolRow], *, leased: bool = False) -> PutResult:
-        """Insert rows that fit under the caps; an existing (destination, event_id) is left as is (a duplicate)."""
-        rows = list(rows)
-        inserted: list[str] = []
+        """Insert rows that fit under the caps; an existing (destination, event_id) is left as is (a duplicate).
+
+        The caps are checked before the insert tells duplicates apart, so a duplicate (which the dispatcher never
+        puts: each event is spooled once) takes room from the rows after it within the same call."""
+        inserted: list[SpoolRow] = []
         duplicates: list[str] = []
         rejected: list[str] = []
         invalid: list[str] = []
+        records: list[tuple[Any, ...]] = []
+        sizes: dict[tuple[str, str], int] = {}
         limit_rows, limit_bytes = self.settings.max_rows, self.settings.max_bytes
+        total_rows, total_bytes = self._rows, self._bytes
+        for row in rows:
+            payload = row.payload
+            key = (payload.destination, payload.event_id)
+            if key in sizes:
+                duplicates.append(row.event_id)
+                continue
+            try:
+                body, headers, size = _encode(row)
+            except (TypeError, ValueError):
+                invalid.append(row.event_id)
+                continue
+            if total_rows + 1 > limit_rows or total_bytes + size > limit_bytes:
+                rejected.append(row.event_id)
+                continue
+            sizes[key] = size
+            total_rows += 1
+            total_bytes += size
+            records.append(
+                (payload.event_id, payload.destination, body, headers, payload.batch_key, payload.created_at,
+                 row.accepted_at, row.attempts, row.next_at, int(leased), row.last_error, size)
+            )  # fmt: skip
+            inserted.append(row)
         with self._transaction() as conn:
-            seen: set[tuple[str, str]] = set()
-            for destination in {row.destination for row in rows}:
-                ids = _ids_json(row.event_id for row in rows if row.destination == destination)
-                (found,) = conn.execute(_EXISTING_IDS_SQL, (destination, ids)).fetchone()
-                seen.update((destination, event_id) for event_id in json.loads(found))
-            records: list[tuple[Any, ...]] = []
-            added: dict[str, list[int]] = {}
-            total_rows, total_bytes = self._rows, self._bytes
-            for row in rows:
-                payload = row.payload
-                key = (payload.destination, payload.event_id)
-                if key in seen:
-                    duplicates.append(row.event_id)
-                    continue
-                try:
-                    body, headers, size = _encode(row)
-                except (TypeError, ValueError):
-                    invalid.append(row.event_id)
-                    continue
-                if total_rows + 1 > limit_rows or total_bytes + size > limit_bytes:
-                    rejected.append(row.event_id)
-                    continue
-                seen.add(key)
-                total_rows += 1
-                total_bytes += size
-                records.append(
-                    (payload.event_id, payload.destination, body, headers, payload.batch_key, payload.created_at,
-                     row.accepted_at, row.attempts, row.next_at, int(leased), row.last_error, size)
-                )  # fmt: skip
-                inserted.append(row.event_id)
-                counted = added.setdefault(payload.destination, [0, 0])
-                counted[0] += 1
-                counted[1] += size
-            # The transaction holds the write lock since the look-up above, so every record is new.
-            _run_rows(conn, _INSERT_ROWS_SQL, records)
-        for destination, (count, size) in added.items():
-            self._count(destination, count, size)
-        return PutResult(tuple(inserted), tuple(duplicates), tuple(rejected), tuple(invalid))
+            existing = _insert_payloads(conn, records)
+        if existing:
+            duplicates.extend(row.event_id for row in inserted if (row.destination, row.event_id) in existing)
+            inserted = [row for row in inserted if (row.destination, row.event_id) not in existing]
+        for row in inserted:
+            self._count(row.destination, 1, sizes[(row.destination, row.event_id)])
+        return PutResult(tuple(row.event_id for row in inserted), tuple(duplicates), tuple(rejected), tuple(invalid))
 
     def hand_off(self, rows: Sequence[SpoolRow], counts: Mapping[str, Mapping[str, int]]) -> int:
         """Host mode, request workers: insert built payloads and add their books in one commit; return rows inserted.

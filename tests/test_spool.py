@@ -403,6 +403,28 @@ def test_duplicates_within_one_put_keep_the_first(spool: Spool) -> None:
     assert spool.rows == 2
 
 
+def test_duplicates_across_groups_are_told_apart_exactly(spool_settings: SpoolSettings) -> None:
+    """put() inserts first and looks up which rows were new only when a group falls short (see _insert_payloads):
+    duplicates anywhere in a long put, whole groups of them, and the counts and bytes, all exact."""
+    spool = Spool(dataclasses.replace(spool_settings, max_rows=10_000, max_bytes=10**8))
+    spool.open()
+    try:
+        old = [f"e{n:04}" for n in range(0, 600, 7)] + [f"e{n:04}" for n in range(256, 384)]  # a whole group of 128
+        spool.put([make_row(i) for i in old])
+        spool.delete("plausible", [old[0]])  # the newest rowids are not the only ones
+        ids = [f"e{n:04}" for n in range(600)]
+        result = spool.put([make_row(i) for i in ids])
+        there = set(old[1:])
+        assert result.duplicates == tuple(i for i in ids if i in there)
+        assert result.inserted == tuple(i for i in ids if i not in there)
+        assert not result.rejected and not result.invalid
+        assert spool.rows == 600 == len(spool.rows_for())
+        with raw(spool_settings.path) as conn:
+            assert conn.execute("SELECT sum(size) FROM payloads").fetchone()[0] == spool.bytes
+    finally:
+        spool.close()
+
+
 def test_release_of_many_rows_gives_each_its_own_schedule(spool: Spool) -> None:
     ids = [f"e{i:03}" for i in range(300)]  # five multi-row statements: 128 + 128 + 32 + 8 + 4
     spool.put([make_row(i) for i in ids] + [make_row("not-leased")])
