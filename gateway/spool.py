@@ -109,8 +109,8 @@ _SELECT_ROWS_SQL: Final = f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608
 # Statements over many rows run as one sqlite3_step each, never one per row. The dispatcher's spool thread shares the
 # GIL with a busy event loop, and the sqlite3 module releases the GIL around every step: getting it back can take the
 # whole switch interval (5 ms, https://docs.python.org/3/library/sys.html#sys.setswitchinterval) while the loop
-# serves pages, so a 128-row insert of one statement per row took ~640 ms instead of ~1.5 ms, and the overflow of a
-# hung destination piled up in memory meanwhile (benchmarks/bench_spool_thread.py measures both).
+# serves pages, so a 128-row insert of one statement per row took ~700 ms instead of ~1.4 ms, and the overflow of a
+# hung destination piled up in memory meanwhile (benchmarks/bench_spool_thread.py measures both; docs/delivery.md).
 # Ids go in as one JSON array (json_each); rows with their numbers go in as multi-row VALUES, bound as parameters
 # (SQLite's JSON parser does not round-trip every float exactly), in groups of 2^k rows so a few prepared statements
 # serve every batch size.
