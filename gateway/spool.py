@@ -184,6 +184,15 @@ def _ids_json(event_ids: Iterable[str]) -> str:
     return json.dumps(list(event_ids))
 
 
+def _delete_ids(conn: sqlite3.Connection, destination: str, event_ids: Iterable[str]) -> tuple[int, int]:
+    """Delete the destination's rows with these ids; return how many there were and their size."""
+    ids = _ids_json(event_ids)
+    deleted, size = conn.execute(_COUNT_IDS_SQL, (destination, ids)).fetchone()
+    if deleted:
+        conn.execute(_DELETE_IDS_SQL, (destination, ids))
+    return int(deleted), int(size)
+
+
 # Built from constants only (no input reaches these strings).
 _LEASE_SQL: Final = (
     "UPDATE payloads SET leased = 1 WHERE destination = ?1 AND event_id IN ("  # noqa: S608
@@ -591,18 +600,14 @@ class Spool:
         if limit <= 0:
             return []
         with self._transaction() as conn:
-            chosen = _ids_json(self._due_groups(conn, destination, now, limit, batch)) if batch > 1 else ""
+            params: tuple[Any, ...] = (destination, now, limit)
+            if batch > 1:
+                params = (destination, _ids_json(self._due_groups(conn, destination, now, limit, batch)))
             if not self.few_trips:  # one fetch per row, the least CPU
-                if batch > 1:
-                    records = conn.execute(_LEASE_IDS_RETURNING_SQL, (destination, chosen)).fetchall()
-                else:
-                    records = conn.execute(_LEASE_SQL, (destination, now, limit)).fetchall()
+                records = conn.execute(_LEASE_IDS_RETURNING_SQL if batch > 1 else _LEASE_SQL, params).fetchall()
                 rows = [_decode(record) for record in records]
             else:  # every row in one fetch (_LEASED_JSON), then leased by id
-                if batch > 1:
-                    (found,) = conn.execute(_ROWS_BY_ID_SQL, (destination, chosen)).fetchone()
-                else:
-                    (found,) = conn.execute(_DUE_ROWS_SQL, (destination, now, limit)).fetchone()
+                (found,) = conn.execute(_ROWS_BY_ID_SQL if batch > 1 else _DUE_ROWS_SQL, params).fetchone()
                 rows = [_decode(record) for record in json.loads(found)]
                 if rows:
                     conn.execute(_LEASE_IDS_SQL, (destination, _ids_json(row.event_id for row in rows)))
@@ -642,12 +647,10 @@ class Spool:
             return released
 
     def delete(self, destination: str, event_ids: Iterable[str]) -> int:
-        ids = _ids_json(event_ids)
         with self._transaction() as conn:
-            deleted, size = conn.execute(_COUNT_IDS_SQL, (destination, ids)).fetchone()
-            conn.execute(_DELETE_IDS_SQL, (destination, ids))
+            deleted, size = _delete_ids(conn, destination, event_ids)
         self._count(destination, -deleted, -size)
-        return int(deleted)
+        return deleted
 
     def settle(self, destination: str, outcomes: Mapping[str, Sequence[str]]) -> int:
         """Host mode: delete rows by outcome (``{"delivered": [event ids]}``) and count them, in one commit."""
@@ -771,13 +774,9 @@ class Spool:
         with self._transaction() as conn:
             _run_rows(conn, _DEAD_LETTER_ROWS_SQL, records)
             for destination, event_ids in ids.items():
-                found = _ids_json(event_ids)
-                count, size = conn.execute(_COUNT_IDS_SQL, (destination, found)).fetchone()
-                if count:
-                    conn.execute(_DELETE_IDS_SQL, (destination, found))
-                    removed[destination] = (count, size)
-                    if self.host:
-                        books.add_counts(conn, destination, {"dead_lettered": count})
+                removed[destination] = _delete_ids(conn, destination, event_ids)
+                if self.host:
+                    books.add_counts(conn, destination, {"dead_lettered": removed[destination][0]})
             conn.execute(
                 "DELETE FROM dead_letters WHERE rowid IN ("
                 " SELECT rowid FROM dead_letters ORDER BY failed_at DESC LIMIT -1 OFFSET ?)",
